@@ -1,0 +1,74 @@
+"""XAttention parameters, validated once at construction so that every later layer can trust them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+BACKENDS = ("auto", "triton", "flex", "torch")
+
+
+def check_threshold(threshold: float) -> float:
+    """Return ``threshold`` as a float if 0 < threshold <= 1, else raise a ValueError naming it."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a number in (0, 1], got {threshold!r}")
+    if not 0.0 < float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1] (1.0 keeps every block), got {threshold!r}")
+    return float(threshold)
+
+
+def check_block_size(block_size: int) -> int:
+    """Block sizes are powers of two from 16 to 256 (the kernels tile queries and keys by them)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"block_size must be an int, got {block_size!r}")
+    if block_size < 16 or block_size > 256 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two in [16, 256] (default 128), got {block_size}")
+    return block_size
+
+
+def check_stride(stride: int, block_size: int) -> int:
+    """The antidiagonal stride must be a power of two that divides the block size, leaving >= 1 row a block."""
+    if isinstance(stride, bool) or not isinstance(stride, int):
+        raise TypeError(f"stride must be an int, got {stride!r}")
+    if stride < 1 or stride & (stride - 1) or block_size % stride:
+        allowed = [s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256) if s <= block_size]
+        raise ValueError(
+            f"stride must be a power of two dividing block_size={block_size}: one of {allowed}; got {stride}"
+        )
+    return stride
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+@dataclass(frozen=True)
+class XAttnConfig:
+    """Parameters of XAttention.
+
+    threshold: share of each query block's attention mass the kept key blocks must cover, in (0, 1];
+        1.0 keeps every block (dense attention).
+    stride: antidiagonal stride S (power of two dividing block_size); the estimate costs about 1/S of
+        the QK^T product.
+    block_size: tokens per query/key block (power of two, 16..256; 128 matches the kernels' tiles).
+    causal: causal attention (video LLM prefill); the diagonal and the first block are always kept.
+    backend: "auto" (triton on CUDA, torch elsewhere), "triton", "flex" or "torch".
+    """
+
+    threshold: float = 0.9
+    stride: int = 8
+    block_size: int = 128
+    causal: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", check_threshold(self.threshold))
+        check_block_size(self.block_size)
+        check_stride(self.stride, self.block_size)
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"causal must be a bool, got {self.causal!r}")
+        check_backend(self.backend)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
