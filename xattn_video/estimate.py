@@ -1,0 +1,85 @@
+"""The block estimate: antidiagonal scoring, then threshold selection, on the backend that fits the device."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .config import XAttnConfig
+from .inputs import check_qkv, resolve_backend
+from .reference import block_scores_torch, select_blocks_torch
+
+
+class BlockSelection(NamedTuple):
+    """Kept key blocks per (batch, head, query block), as a mask and as compact ascending lists."""
+
+    mask: torch.Tensor  # bool [B, H, nqb, nkb]
+    kv_count: torch.Tensor  # int32 [B, H, nqb]
+    kv_indices: torch.Tensor  # int32 [B, H, nqb, nkb]: kept blocks ascending, then -1
+
+
+def all_blocks(q: torch.Tensor, n_k: int, *, block_size: int, causal: bool) -> BlockSelection:
+    """Every block kept (threshold 1.0): dense attention, with no estimate to pay for."""
+    batch, heads, n_q = q.shape[:3]
+    n_qb, n_kb = -(-n_q // block_size), -(-n_k // block_size)
+    scores = torch.ones(batch, heads, n_qb, n_kb, device=q.device)
+    return BlockSelection(*select_blocks_torch(scores, threshold=1.0, causal=causal))
+
+
+def estimate_blocks(
+    q: torch.Tensor, k: torch.Tensor, config: XAttnConfig, *, scale: float | None = None
+) -> BlockSelection:
+    """Score blocks and select them, with checked inputs and a resolved backend in ``config``.
+
+    The Triton estimate serves the ``triton`` backend and ``flex`` on CUDA; ``torch`` everywhere else. Both
+    compute the same function (the Triton kernels are tested against the torch reference).
+    """
+    if config.threshold >= 1.0:
+        return all_blocks(q, k.shape[2], block_size=config.block_size, causal=config.causal)
+    use_triton = config.backend == "triton" or (config.backend == "flex" and q.is_cuda)
+    if use_triton:
+        from .kernels.estimate import block_scores_triton
+        from .kernels.select import select_blocks_triton
+
+        scores = block_scores_triton(
+            q, k, stride=config.stride, block_size=config.block_size, causal=config.causal, scale=scale
+        )
+        _check_finite(scores)
+        return BlockSelection(*select_blocks_triton(scores, threshold=config.threshold, causal=config.causal))
+    scores = block_scores_torch(
+        q, k, stride=config.stride, block_size=config.block_size, causal=config.causal, scale=scale
+    )
+    _check_finite(scores)
+    return BlockSelection(*select_blocks_torch(scores, threshold=config.threshold, causal=config.causal))
+
+
+def _check_finite(scores: torch.Tensor) -> None:
+    # A NaN or Inf anywhere in q or k reaches the block scores of its rows (q) or of every row (k).
+    if not torch.isfinite(scores).all():
+        raise ValueError("q or k contains NaN or Inf: the block estimate is undefined for such inputs")
+
+
+def estimate_block_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    threshold: float,
+    stride: int,
+    block_size: int = 128,
+    causal: bool = False,
+    backend: str = "auto",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Which key blocks XAttention keeps: bool ``[batch, heads, ceil(Nq/block), ceil(Nk/block)]``.
+
+    q [batch, heads, Nq, head_dim], k [batch, kv_heads, Nk, head_dim] (SDPA layout). See DESIGN.md for the
+    algorithm: antidiagonal scores with stride ``stride``, softmax over valid keys, per-row selection of
+    the smallest set of blocks whose score mass reaches ``threshold`` (the crossing block kept; ties with
+    it kept; causal: diagonal and first block always kept). ``threshold=1.0`` keeps every block.
+    """
+    config = XAttnConfig(threshold, stride, block_size, causal, backend)
+    check_qkv(q, k, None, causal=causal)
+    resolved = resolve_backend(backend, q.device)
+    config = XAttnConfig(threshold, stride, block_size, causal, resolved)
+    return estimate_blocks(q, k, config, scale=scale).mask

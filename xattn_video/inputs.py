@@ -1,0 +1,74 @@
+"""Checks on attention inputs shared by every entry point, so each error names the parameter at fault."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, *, causal: bool) -> None:
+    """Validate SDPA-layout tensors: q [B, H, Nq, D], k/v [B, Hkv, Nk, D] with H % Hkv == 0."""
+    named = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D in SDPA layout [batch, heads, tokens, head_dim], got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: bfloat16, float16, float32")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; pass one dtype")
+    batch, heads, n_q, dim = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    if k.shape[0] != batch or k.shape[3] != dim:
+        raise ValueError(
+            f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)}: batch and head_dim must agree "
+            "(layout is [batch, heads, tokens, head_dim])"
+        )
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(
+            f"q heads ({heads}) must be a multiple of k/v heads ({kv_heads}) for grouped-query attention; "
+            "is the layout [batch, heads, tokens, head_dim]?"
+        )
+    if not 1 <= dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {dim}")
+    if n_q == 0 or n_k == 0:
+        raise ValueError(f"q and k need at least one token, got Nq={n_q}, Nk={n_k}")
+    if causal and n_q != n_k:
+        raise ValueError(
+            f"causal=True needs as many queries as keys (a prefill), got Nq={n_q}, Nk={n_k}"
+        )
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (how CI tests kernels)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map "auto" to a concrete backend; an explicit backend that cannot run here is an error, never a switch."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and not triton_usable(device):
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors (got {device}); use backend='torch' or 'auto' on this "
+            "device, or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter"
+        )
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as err:  # pragma: no cover - triton ships with Linux torch builds
+            raise RuntimeError("backend='triton' needs the triton package: pip install triton") from err
+    return backend
