@@ -1,0 +1,198 @@
+"""xattn_attention and estimate_block_mask: behaviour against float64 and SDPA references, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reference64 import antidiagonal_block_scores64, block_sparse_attention64, select_blocks64
+from xattn_video import XAttnConfig, estimate_block_mask, xattn_attention
+from xattn_video.synthetic import video_like_qkv
+
+BACKENDS = ["torch", "triton", "flex"]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def random_qkv(batch, heads, kv_heads, n, dim, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(batch, heads, n, dim), (batch, kv_heads, n, dim), (batch, kv_heads, n, dim)]
+    return [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "n,causal,heads,kv_heads,dim,dtype",
+    [
+        (200, False, 2, 2, 64, torch.float32),
+        (333, True, 4, 2, 64, torch.bfloat16),
+        (129, False, 2, 1, 32, torch.float16),
+        (256, True, 2, 2, 128, torch.float32),
+    ],
+)
+def test_threshold_one_equals_sdpa(backend, n, causal, heads, kv_heads, dim, dtype, device):
+    q, k, v = random_qkv(2, heads, kv_heads, n, dim, dtype, device)
+    out, stats = xattn_attention(
+        q, k, v, threshold=1.0, stride=8, block_size=64, causal=causal, backend=backend, return_stats=True
+    )
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal, enable_gqa=True)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_err(out, ref) < TOL[dtype]
+    assert stats.density == 1.0
+
+
+def test_default_block_size_128_threshold_one(device):
+    q, k, v = random_qkv(1, 2, 2, 300, 64, torch.float32, device)
+    for backend in BACKENDS:
+        out = xattn_attention(q, k, v, threshold=1.0, stride=16, backend=backend)
+        assert rel_err(out, F.scaled_dot_product_attention(q, k, v)) < 1e-5, backend
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_estimate_block_mask_matches_float64_definition(backend, causal, device):
+    q, k, _ = random_qkv(2, 4, 2, 300, 32, torch.float32, device, seed=1)
+    q = q * 3  # sharper attention: blocks differ clearly, so no selection lands on a rounding tie
+    mask = estimate_block_mask(q, k, threshold=0.6, stride=4, block_size=64, causal=causal, backend=backend)
+    scores64 = antidiagonal_block_scores64(q.cpu(), k.cpu(), stride=4, block_size=64, causal=causal)
+    expected = select_blocks64(scores64, threshold=0.6, causal=causal)
+    assert mask.dtype == torch.bool and mask.shape == (2, 4, 5, 5)
+    assert torch.equal(mask.cpu(), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_output_matches_float64_on_the_kept_blocks(backend, device):
+    q, k, v = video_like_qkv(frames=4, height=8, width=8, text_tokens=17, batch=2, heads=3, head_dim=32, device=device)
+    mask = estimate_block_mask(q, k, threshold=0.8, stride=8, block_size=32, backend=backend)
+    assert mask.float().mean() < 1
+    out = xattn_attention(q, k, v, threshold=0.8, stride=8, block_size=32, backend=backend)
+    ref = block_sparse_attention64(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), block_size=32, causal=False)
+    assert rel_err(out.cpu(), ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_error_against_dense_shrinks_as_threshold_rises(backend, device):
+    q, k, v = video_like_qkv(frames=6, height=8, width=16, text_tokens=20, heads=3, head_dim=64, device=device)
+    dense = F.scaled_dot_product_attention(q, k, v)
+    densities, errors = [], []
+    for threshold in (0.5, 0.8, 0.95, 0.999):
+        out, stats = xattn_attention(
+            q, k, v, threshold=threshold, stride=8, block_size=64, backend=backend, return_stats=True
+        )
+        densities.append(stats.density)
+        errors.append(rel_err(out, dense))
+    assert densities[0] < 0.5 and all(d < 1 for d in densities)
+    assert densities == sorted(densities)
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.02
+
+
+def test_causal_gqa_video_llm_prefill(device):
+    """Causal, grouped-query (4 query heads per kv head): what a Qwen2-VL prefill does."""
+    q, k, v = video_like_qkv(
+        frames=8, height=6, width=8, text_tokens=30, heads=8, kv_heads=2, head_dim=64, device=device
+    )
+    out, stats = xattn_attention(q, k, v, threshold=0.9, stride=16, block_size=64, causal=True,
+                                 return_stats=True)
+    assert stats.density < 1
+    mask = estimate_block_mask(q, k, threshold=0.9, stride=16, block_size=64, causal=True)
+    n_qb = mask.shape[-1]
+    assert not mask.triu(1).any(), "no block above the diagonal in causal mode"
+    assert mask.diagonal(dim1=-2, dim2=-1).all() and mask[..., 0].all()
+    assert stats.kept_blocks == int(mask.sum()) and stats.total_blocks == 8 * n_qb * (n_qb + 1) // 2
+    ref = block_sparse_attention64(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), block_size=64, causal=True)
+    assert rel_err(out.cpu(), ref) < 1e-5
+
+
+def test_stats_are_consistent(device):
+    q, k, v = video_like_qkv(frames=4, height=8, width=8, batch=2, heads=3, head_dim=32, device=device)
+    _, stats = xattn_attention(q, k, v, threshold=0.7, stride=4, block_size=32, return_stats=True)
+    mask = estimate_block_mask(q, k, threshold=0.7, stride=4, block_size=32)
+    assert stats.density_per_head.shape == (2, 3)
+    assert torch.allclose(stats.density_per_head, mask.float().mean((-1, -2)).cpu())
+    assert stats.density == pytest.approx(mask.float().mean().item())
+    assert stats.estimate_ms >= 0 and stats.attention_ms > 0
+    assert set(stats.to_dict()) >= {"density", "density_per_head", "estimate_ms", "attention_ms"}
+
+
+def test_transposed_views_are_accepted(device):
+    """diffusers produces [B, N, H, D] and transposes: strided views must give the same result."""
+    q, k, v = random_qkv(1, 2, 2, 200, 32, torch.float32, device)
+    views = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    assert not views[0].is_contiguous()
+    for backend in ("torch", "triton"):
+        a = xattn_attention(*views, threshold=0.7, stride=4, block_size=32, backend=backend)
+        b = xattn_attention(q, k, v, threshold=0.7, stride=4, block_size=32, backend=backend)
+        assert torch.allclose(a, b, atol=1e-6), backend
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"threshold": 0.0}, "threshold"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"stride": 3}, "stride"),
+        ({"stride": 256}, "stride"),
+        ({"block_size": 100}, "block_size"),
+        ({"backend": "cuda"}, "backend"),
+    ],
+)
+def test_bad_parameters_name_themselves(kwargs, match):
+    q, k, v = random_qkv(1, 2, 2, 64, 32)
+    args = {"threshold": 0.9, "stride": 8, "block_size": 64} | kwargs
+    with pytest.raises(ValueError, match=match):
+        xattn_attention(q, k, v, **args)
+    with pytest.raises(ValueError, match=match):
+        XAttnConfig(**args)
+
+
+def test_bad_tensors_are_clear_errors():
+    q, k, v = random_qkv(1, 4, 2, 64, 32)
+    call = dict(threshold=0.9, stride=8, block_size=32)
+    with pytest.raises(ValueError, match="4-D"):
+        xattn_attention(q[0], k[0], v[0], **call)
+    with pytest.raises(ValueError, match="head_dim"):
+        xattn_attention(q, k[..., :16], v[..., :16], **call)
+    with pytest.raises(ValueError, match="v shape"):
+        xattn_attention(q, k, v[:, :, :10], **call)
+    with pytest.raises(ValueError, match="multiple of k/v heads"):
+        xattn_attention(q[:, :3], k, v, **call)
+    with pytest.raises(ValueError, match="dtype"):
+        xattn_attention(q.double(), k.double(), v.double(), **call)
+    with pytest.raises(ValueError, match="dtype"):
+        xattn_attention(q, k.half(), v.half(), **call)
+    with pytest.raises(ValueError, match="causal"):
+        xattn_attention(q, k[:, :, :32], v[:, :, :32], causal=True, **call)
+    big = torch.randn(1, 1, 16, 512)
+    with pytest.raises(ValueError, match="head_dim"):
+        xattn_attention(big, big, big, **call)
+
+
+def test_nan_in_q_or_k_is_an_error_and_nan_in_v_propagates():
+    q, k, v = random_qkv(1, 2, 2, 128, 32)
+    call = dict(threshold=0.9, stride=8, block_size=32)
+    for name, t in (("q", q), ("k", k)):
+        bad = t.clone()
+        bad[0, 1, 5, 3] = float("nan")
+        args = {"q": q, "k": k, "v": v, name: bad}
+        with pytest.raises(ValueError, match="NaN"):
+            xattn_attention(args["q"], args["k"], args["v"], **call)
+    bad_v = v.clone()
+    bad_v[0, 0, 5, 3] = float("nan")
+    out = xattn_attention(q, k, bad_v, threshold=1.0, stride=8, block_size=32)
+    assert out[0, 0].isnan().any() and not out[0, 1].isnan().any()
+
+
+def test_triton_without_cuda_or_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = random_qkv(1, 2, 2, 64, 32)
+    with pytest.raises(RuntimeError, match="backend='triton' needs CUDA"):
+        xattn_attention(q, k, v, threshold=0.9, stride=8, backend="triton")
