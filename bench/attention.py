@@ -71,6 +71,90 @@ def tflops(n: int, heads: int, dim: int, density: float, ms: float) -> float:
     return 4 * n * n * dim * heads * density / (ms * 1e-3) / 1e12
 
 
+def run_size(n: int, args: argparse.Namespace, device: torch.device, rows: list, checks: list) -> None:
+    """Check, then time, every variant at one sequence length; appends to ``rows`` and ``checks``."""
+    label, frames, height, width, text = SIZES[n]
+    q, k, v = video_like_qkv(frames=frames, height=height, width=width, text_tokens=text, heads=args.heads,
+                             head_dim=args.head_dim, dtype=torch.bfloat16, device=device, seed=n)
+    assert q.shape[2] == n
+    bs = 128
+    n_blocks = math.ceil(n / bs)
+    base_mem = torch.cuda.memory_allocated()
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        dense = F.scaled_dot_product_attention(q, k, v)
+        cudnn_ms = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
+    cudnn_tf = tflops(n, args.heads, args.head_dim, 1.0, cudnn_ms)
+    rows.append(dict(size=label, tokens=n, variant="cuDNN SDPA dense", density=1.0, estimate_ms=0.0,
+                     attention_ms=cudnn_ms, total_ms=cudnn_ms, vs_cudnn=1.0, tflops=cudnn_tf))
+    print(f"{label}: cuDNN dense {cudnn_ms:.1f} ms ({cudnn_tf:.0f} TFLOP/s)", flush=True)
+
+    # ---- correctness at full size
+    full = random_selection(1, args.heads, n_blocks, 1.0, device)
+    out = block_sparse_attention_triton(q, k, v, full.kv_count, full.kv_indices, block_size=bs, causal=False)
+    checks.append((label, "triton sparse, all blocks, vs cuDNN SDPA", rel_err(out, dense)))
+    for threshold in args.thresholds[:1]:
+        scores = block_scores_triton(q, k, stride=args.stride, block_size=bs, causal=False)
+        heads_ref = slice(0, 3)  # one head of each pattern, to keep the torch reference quick
+        ref_scores = block_scores_torch(q[:, heads_ref], k[:, heads_ref], stride=args.stride, block_size=bs,
+                                        causal=False)
+        checks.append((label, "triton block scores vs torch (3 heads), max abs",
+                       float((scores[:, heads_ref] - ref_scores).abs().max())))
+        sel = BlockSelection(*select_blocks_triton(scores, threshold=threshold, causal=False))
+        ref_mask = select_blocks_torch(ref_scores, threshold=threshold, causal=False)[0]
+        checks.append((label, f"mask agreement with torch estimate (3 heads), t={threshold}",
+                       float((sel.mask[:, heads_ref] == ref_mask).float().mean())))
+        sparse = block_sparse_attention_triton(q, k, v, sel.kv_count, sel.kv_indices, block_size=bs,
+                                               causal=False)
+        if not args.no_flex:
+            flex_out = flex_block_sparse_attention(q, k, v, sel.mask, block_size=bs, causal=False)
+            checks.append((label, f"triton sparse vs flex, same blocks, t={threshold}", rel_err(sparse, flex_out)))
+        checks.append((label, f"xattn t={threshold} vs dense (approximation error)", rel_err(sparse, dense)))
+        checks.append((label, "NaN in sparse output", float(sparse.isnan().any())))
+    for c in checks[-6:]:
+        print(f"  check {c[1]}: {c[2]:.3g}", flush=True)
+    del dense, out
+
+    # ---- thresholds on video-like inputs
+    for threshold in args.thresholds:
+        def estimate(threshold=threshold):
+            s = block_scores_triton(q, k, stride=args.stride, block_size=bs, causal=False)
+            return BlockSelection(*select_blocks_triton(s, threshold=threshold, causal=False))
+
+        torch.cuda.reset_peak_memory_stats()
+        sel = estimate()
+        density = float(sel.kv_count.sum()) / (args.heads * n_blocks * n_blocks)
+        est_ms = bench_ms(estimate, args.repeats)
+        att_ms = bench_ms(lambda sel=sel: block_sparse_attention_triton(
+            q, k, v, sel.kv_count, sel.kv_indices, block_size=bs, causal=False), args.repeats)
+        extra_mib = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
+        flex_ms = None
+        if not args.no_flex:
+            flex_ms = bench_ms(lambda sel=sel: flex_block_sparse_attention(
+                q, k, v, sel.mask, block_size=bs, causal=False), args.repeats)
+        rows.append(dict(size=label, tokens=n, variant=f"xattn t={threshold} s={args.stride}", density=density,
+                         estimate_ms=est_ms, attention_ms=att_ms, total_ms=est_ms + att_ms,
+                         vs_cudnn=cudnn_ms / (est_ms + att_ms), tflops=tflops(n, args.heads, args.head_dim,
+                                                                              density, att_ms),
+                         flex_ms=flex_ms, extra_mib=extra_mib))
+        print(f"  t={threshold}: density {density:.3f}, estimate {est_ms:.1f} ms, attention {att_ms:.1f} ms, "
+              f"flex {flex_ms} ms, extra memory {extra_mib:.0f} MiB", flush=True)
+
+    # ---- fixed random densities
+    for density in args.densities:
+        sel = random_selection(1, args.heads, n_blocks, density, device)
+        real_density = float(sel.kv_count.sum()) / (args.heads * n_blocks * n_blocks)
+        att_ms = bench_ms(lambda sel=sel: block_sparse_attention_triton(
+            q, k, v, sel.kv_count, sel.kv_indices, block_size=bs, causal=False), args.repeats)
+        flex_ms = None
+        if not args.no_flex:
+            flex_ms = bench_ms(lambda sel=sel: flex_block_sparse_attention(
+                q, k, v, sel.mask, block_size=bs, causal=False), args.repeats)
+        rows.append(dict(size=label, tokens=n, variant=f"random blocks {density:.2f}", density=real_density,
+                         estimate_ms=0.0, attention_ms=att_ms, total_ms=att_ms, vs_cudnn=cudnn_ms / att_ms,
+                         tflops=tflops(n, args.heads, args.head_dim, real_density, att_ms), flex_ms=flex_ms))
+        print(f"  density {real_density:.3f}: triton {att_ms:.1f} ms, flex {flex_ms} ms", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=sorted(SIZES), help=f"token counts, of {sorted(SIZES)}")
@@ -92,89 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.sizes:
         if n not in SIZES:
             parser.error(f"--sizes takes {sorted(SIZES)}, got {n}")
-        label, frames, height, width, text = SIZES[n]
-        q, k, v = video_like_qkv(frames=frames, height=height, width=width, text_tokens=text, heads=args.heads,
-                                 head_dim=args.head_dim, dtype=torch.bfloat16, device=device, seed=n)
-        assert q.shape[2] == n
-        bs = 128
-        n_blocks = math.ceil(n / bs)
-        base_mem = torch.cuda.memory_allocated()
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            dense = F.scaled_dot_product_attention(q, k, v)
-            cudnn_ms = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
-        cudnn_tf = tflops(n, args.heads, args.head_dim, 1.0, cudnn_ms)
-        rows.append(dict(size=label, tokens=n, variant="cuDNN SDPA dense", density=1.0, estimate_ms=0.0,
-                         attention_ms=cudnn_ms, total_ms=cudnn_ms, vs_cudnn=1.0, tflops=cudnn_tf))
-        print(f"{label}: cuDNN dense {cudnn_ms:.1f} ms ({cudnn_tf:.0f} TFLOP/s)", flush=True)
-
-        # ---- correctness at full size
-        full = random_selection(1, args.heads, n_blocks, 1.0, device)
-        out = block_sparse_attention_triton(q, k, v, full.kv_count, full.kv_indices, block_size=bs, causal=False)
-        checks.append((label, "triton sparse, all blocks, vs cuDNN SDPA", rel_err(out, dense)))
-        for threshold in args.thresholds[:1]:
-            scores = block_scores_triton(q, k, stride=args.stride, block_size=bs, causal=False)
-            heads_ref = slice(0, 3)  # one head of each pattern, to keep the torch reference quick
-            ref_scores = block_scores_torch(q[:, heads_ref], k[:, heads_ref], stride=args.stride, block_size=bs,
-                                            causal=False)
-            checks.append((label, "triton block scores vs torch (3 heads), max abs",
-                           float((scores[:, heads_ref] - ref_scores).abs().max())))
-            sel = BlockSelection(*select_blocks_triton(scores, threshold=threshold, causal=False))
-            ref_mask = select_blocks_torch(ref_scores, threshold=threshold, causal=False)[0]
-            checks.append((label, f"mask agreement with torch estimate (3 heads), t={threshold}",
-                           float((sel.mask[:, heads_ref] == ref_mask).float().mean())))
-            sparse = block_sparse_attention_triton(q, k, v, sel.kv_count, sel.kv_indices, block_size=bs,
-                                                   causal=False)
-            if not args.no_flex:
-                flex_out = flex_block_sparse_attention(q, k, v, sel.mask, block_size=bs, causal=False)
-                checks.append((label, f"triton sparse vs flex, same blocks, t={threshold}", rel_err(sparse, flex_out)))
-            checks.append((label, f"xattn t={threshold} vs dense (approximation error)", rel_err(sparse, dense)))
-            checks.append((label, "NaN in sparse output", float(sparse.isnan().any())))
-        for c in checks[-6:]:
-            print(f"  check {c[1]}: {c[2]:.3g}", flush=True)
-        del dense, out
-
-        # ---- thresholds on video-like inputs
-        for threshold in args.thresholds:
-            def estimate():
-                s = block_scores_triton(q, k, stride=args.stride, block_size=bs, causal=False)
-                return BlockSelection(*select_blocks_triton(s, threshold=threshold, causal=False))
-
-            torch.cuda.reset_peak_memory_stats()
-            sel = estimate()
-            density = float(sel.kv_count.sum()) / (args.heads * n_blocks * n_blocks)
-            est_ms = bench_ms(estimate, args.repeats)
-            att_ms = bench_ms(lambda sel=sel: block_sparse_attention_triton(
-                q, k, v, sel.kv_count, sel.kv_indices, block_size=bs, causal=False), args.repeats)
-            extra_mib = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
-            flex_ms = None
-            if not args.no_flex:
-                flex_ms = bench_ms(lambda sel=sel: flex_block_sparse_attention(
-                    q, k, v, sel.mask, block_size=bs, causal=False), args.repeats)
-            rows.append(dict(size=label, tokens=n, variant=f"xattn t={threshold} s={args.stride}", density=density,
-                             estimate_ms=est_ms, attention_ms=att_ms, total_ms=est_ms + att_ms,
-                             vs_cudnn=cudnn_ms / (est_ms + att_ms), tflops=tflops(n, args.heads, args.head_dim,
-                                                                                  density, att_ms),
-                             flex_ms=flex_ms, extra_mib=extra_mib))
-            print(f"  t={threshold}: density {density:.3f}, estimate {est_ms:.1f} ms, attention {att_ms:.1f} ms, "
-                  f"flex {flex_ms} ms, extra memory {extra_mib:.0f} MiB", flush=True)
-
-        # ---- fixed random densities
-        for density in args.densities:
-            sel = random_selection(1, args.heads, n_blocks, density, device)
-            real_density = float(sel.kv_count.sum()) / (args.heads * n_blocks * n_blocks)
-            att_ms = bench_ms(lambda sel=sel: block_sparse_attention_triton(
-                q, k, v, sel.kv_count, sel.kv_indices, block_size=bs, causal=False), args.repeats)
-            flex_ms = None
-            if not args.no_flex:
-                flex_ms = bench_ms(lambda sel=sel: flex_block_sparse_attention(
-                    q, k, v, sel.mask, block_size=bs, causal=False), args.repeats)
-            rows.append(dict(size=label, tokens=n, variant=f"random blocks {density:.2f}", density=real_density,
-                             estimate_ms=0.0, attention_ms=att_ms, total_ms=att_ms, vs_cudnn=cudnn_ms / att_ms,
-                             tflops=tflops(n, args.heads, args.head_dim, real_density, att_ms), flex_ms=flex_ms))
-            print(f"  density {real_density:.3f}: triton {att_ms:.1f} ms, flex {flex_ms} ms", flush=True)
-        del q, k, v
+        run_size(n, args, device, rows, checks)
         torch.cuda.empty_cache()
-
     print("\n| size | variant | density | estimate ms | sparse attn ms | total ms | cuDNN / total | "
           "TFLOP/s on kept blocks (% of cuDNN dense) | Flex ms same blocks | extra MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")

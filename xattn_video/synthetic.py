@@ -92,14 +92,16 @@ def video_like_qkv(
     group = heads // kv_heads
     q = torch.empty(batch, heads, n, head_dim, dtype=torch.float32, device=gen.device)
     k = torch.empty(batch, kv_heads, n, head_dim, dtype=torch.float32, device=gen.device)
+
+    def noisy(feats: torch.Tensor) -> torch.Tensor:
+        jitter = torch.randn(feats.shape, generator=gen, dtype=torch.float32, device=device)
+        return amplitude * (feats + noise * jitter / math.sqrt(head_dim))
+
     for h in range(kv_heads):
         feats = _head_features(PATTERNS[(h * group) % len(PATTERNS)], grid, text_tokens, head_dim, gen)
         for b in range(batch):
-            k[b, h] = amplitude * (feats + noise * torch.randn(n, head_dim, generator=gen, dtype=torch.float32, device=gen.device)
-                                   / math.sqrt(head_dim))
+            k[b, h] = noisy(feats)
             for g in range(group):
-                q[b, h * group + g] = amplitude * (
-                    feats + noise * torch.randn(n, head_dim, generator=gen, dtype=torch.float32, device=gen.device) / math.sqrt(head_dim)
-                )
+                q[b, h * group + g] = noisy(feats)
     v = torch.randn(batch, kv_heads, n, head_dim, generator=gen, dtype=torch.float32, device=gen.device)
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
