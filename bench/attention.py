@@ -67,6 +67,16 @@ def random_selection(batch: int, heads: int, n_blocks: int, density: float, devi
     return BlockSelection(mask, mask.sum(-1, dtype=torch.int32), indices)
 
 
+def extra_memory_mib(fn) -> float:
+    """Peak memory ``fn`` needs beyond its inputs and its output (same size as q), in MiB."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()) / 2**20
+
+
 def tflops(n: int, heads: int, dim: int, density: float, ms: float) -> float:
     return 4 * n * n * dim * heads * density / (ms * 1e-3) / 1e12
 
@@ -79,7 +89,6 @@ def run_size(n: int, args: argparse.Namespace, device: torch.device, rows: list,
     assert q.shape[2] == n
     bs = 128
     n_blocks = math.ceil(n / bs)
-    base_mem = torch.cuda.memory_allocated()
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         dense = F.scaled_dot_product_attention(q, k, v)
         cudnn_ms = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
@@ -120,13 +129,17 @@ def run_size(n: int, args: argparse.Namespace, device: torch.device, rows: list,
             s = block_scores_triton(q, k, stride=args.stride, block_size=bs, causal=False)
             return BlockSelection(*select_blocks_triton(s, threshold=threshold, causal=False))
 
-        torch.cuda.reset_peak_memory_stats()
         sel = estimate()
+        def estimate_and_attend(estimate=estimate):
+            chosen = estimate()
+            return block_sparse_attention_triton(q, k, v, chosen.kv_count, chosen.kv_indices, block_size=bs,
+                                                 causal=False)
+
+        extra_mib = extra_memory_mib(estimate_and_attend)
         density = float(sel.kv_count.sum()) / (args.heads * n_blocks * n_blocks)
         est_ms = bench_ms(estimate, args.repeats)
         att_ms = bench_ms(lambda sel=sel: block_sparse_attention_triton(
             q, k, v, sel.kv_count, sel.kv_indices, block_size=bs, causal=False), args.repeats)
-        extra_mib = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
         flex_ms = None
         if not args.no_flex:
             flex_ms = bench_ms(lambda sel=sel: flex_block_sparse_attention(

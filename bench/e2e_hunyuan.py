@@ -1,0 +1,625 @@
+"""End-to-end GPU benchmark: one HunyuanVideo transformer forward (a denoising step) per attention variant.
+
+The model is diffusers' ``HunyuanVideoTransformer3DModel`` with the real HunyuanVideo 13B architecture
+(``HUNYUAN_VIDEO_13B`` below: 20 double-stream + 40 single-stream blocks, 24 heads x 128 channels, hidden
+3072, MLP ratio 4, patch 1x2x2, RoPE axes 16/56/56, text_embed_dim 4096 (LLaVA-Llama-3 hidden size),
+pooled_projection_dim 768 (CLIP-L), guidance embedding; 12.8B parameters). No weights are downloaded: the
+model is built on the meta device in bfloat16, materialised on the GPU with ``to_empty`` and filled with a
+cheap random init (uniform +-1/sqrt(fan_in) for matrices, as torch's default Linear init; norm weights 1;
+biases 0).
+
+Sizes (129 frames; the VAE compresses 4x in time and 8x in space, the patch is 2x2):
+  544x960:  33 x 68 x 120 latents -> 33 x 34 x 60 = 67,320 video tokens, + 256 text tokens
+  720x1280: 33 x 90 x 160 latents -> 33 x 45 x 80 = 118,800 video tokens, + 256 text tokens
+Of the 256 text tokens, ``--text-valid`` (default 120) are valid and the rest are padding, as with a real
+prompt: diffusers' stock processor masks them, the XAttention processor drops them from the segment.
+
+Variants (``--variants``):
+  stock         diffusers' HunyuanVideoAttnProcessor2_0 (SDPA with the key-padding mask)
+  dense         XAttnProcessor on a dense (warmup) step: unmasked SDPA over the valid segment, cuDNN first
+  xattn-T       XAttnProcessor at threshold T (stride ``--stride``) on a sparse step
+  fixed-D       FIXED DENSITY: XAttnProcessor with its estimate replaced by random blocks at density D (each
+                query-block row keeps round(D x blocks) random key blocks). Random weights give nearly
+                uniform attention, so the measured xattn-T densities are not those of a trained model; the
+                fixed-density rows show the step time at densities a real model reaches.
+
+Per variant: a warm-up forward through the first double- and first single-stream block only (compiles and
+autotunes every kernel at the right shapes at 1/30 of the cost), then ``--repeats`` full forwards timed with
+CUDA events (median reported). Attention time is the sum over layers of the estimate and attention kernels
+(the processor's statistics; for stock, CUDA events around diffusers' attention call). Peak memory is
+``torch.cuda.max_memory_allocated`` over the variant. Before timing: an attention-level check of the dense
+path against stock's masked SDPA at full size, and every variant's output is compared with the dense one.
+
+A time budget (``--budget-s``, default 520 s) keeps the run inside one 10-minute call: repeats are cut, then
+variants skipped (and reported as such), when the next forward would not fit.
+
+Prints a Markdown table; writes JSON to ``--json`` or, when $OUT is set, to $OUT/e2e_hunyuan.json.
+Needs torch with CUDA, triton, diffusers >= 0.42 and transformers; the project itself may be installed or not
+(see ``import_project``). Expected run time on one H100 with the defaults: about 7-8 minutes.
+
+    python bench/e2e_hunyuan.py                                   # both sizes, all variants, 2 repeats
+    python bench/e2e_hunyuan.py --sizes 544x960 --variants stock dense xattn-0.9 fixed-0.1 --repeats 3
+    python bench/e2e_hunyuan.py --smoke                           # CPU smoke test of this script
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+HUNYUAN_VIDEO_13B = dict(
+    in_channels=16,
+    out_channels=16,
+    num_attention_heads=24,
+    attention_head_dim=128,
+    num_layers=20,
+    num_single_layers=40,
+    num_refiner_layers=2,
+    mlp_ratio=4.0,
+    patch_size=2,
+    patch_size_t=1,
+    qk_norm="rms_norm",
+    guidance_embeds=True,
+    text_embed_dim=4096,
+    pooled_projection_dim=768,
+    rope_theta=256.0,
+    rope_axes_dim=(16, 56, 56),
+)
+# latent (frames, height, width) for 129 frames at each resolution
+SIZES = {"544x960": (33, 68, 120), "720x1280": (33, 90, 160)}
+TEXT_TOKENS = 256
+# run in this order (dense first: the reference); under a tight budget the last ones are skipped first
+DEFAULT_VARIANTS = ["dense", "stock", "fixed-0.1", "fixed-0.35", "xattn-0.9", "xattn-0.95"]
+# expected forward time relative to dense, for the budget check before a variant's first forward
+EXPECTED_VS_DENSE = {"dense": 1.0, "stock": 3.0, "xattn": 1.6, "fixed": 1.0}
+
+# --smoke: the same script on the CPU with a narrow model at full depth and a tiny latent grid.
+SMOKE_CONFIG = dict(HUNYUAN_VIDEO_13B, num_attention_heads=2, text_embed_dim=64, pooled_projection_dim=32)
+SMOKE_SIZES = {"smoke": (3, 16, 32)}  # 3 x 8 x 16 = 384 video tokens
+SMOKE_TEXT_TOKENS = 32
+
+
+# ---------------------------------------------------------------------------------------------- project import
+
+
+def import_project() -> None:
+    """Make ``xattn_video`` (with its ``kernels`` subpackage) importable, installed or not.
+
+    Installed (``pip install --no-deps --no-build-isolation -e .``) it imports as is. From a bare checkout the
+    repository root goes on ``sys.path`` and ``kernels/`` is mapped to ``xattn_video.kernels``, as setuptools'
+    ``package-dir`` does for an install.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        import xattn_video.kernels  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root))
+    import xattn_video
+
+    if "xattn_video.kernels" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "xattn_video.kernels", root / "kernels" / "__init__.py", submodule_search_locations=[str(root / "kernels")]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["xattn_video.kernels"] = module
+        spec.loader.exec_module(module)
+        xattn_video.kernels = module
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+class Clock:
+    """CUDA events on a GPU, the wall clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop_ms(self, start) -> float:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        return (time.perf_counter() - start) * 1e3
+
+
+class StockAttentionTimer:
+    """CUDA events around diffusers' attention call inside HunyuanVideoAttnProcessor2_0 (stock variant only)."""
+
+    def __init__(self, device: torch.device):
+        import diffusers.models.transformers.transformer_hunyuan_video as hv
+
+        self.module, self.original, self.clock, self.pairs = hv, hv.dispatch_attention_fn, Clock(device), []
+
+    def __enter__(self):
+        def timed(*args, **kwargs):
+            start = self.clock.start()
+            out = self.original(*args, **kwargs)
+            self.pairs.append((start, self.clock.start()))
+            return out
+
+        self.module.dispatch_attention_fn = timed
+        return self
+
+    def __exit__(self, *exc):
+        self.module.dispatch_attention_fn = self.original
+
+    def take_ms(self) -> float:
+        if self.clock.cuda:
+            if self.pairs:
+                self.pairs[-1][1].synchronize()
+            total = sum(a.elapsed_time(b) for a, b in self.pairs)
+        else:
+            total = sum((b - a) * 1e3 for a, b in self.pairs)
+        self.pairs = []
+        return total
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def build_transformer(config: dict, device: torch.device, dtype: torch.dtype, seed: int):
+    """HunyuanVideoTransformer3DModel built on the meta device, materialised on ``device`` with random weights."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = HunyuanVideoTransformer3DModel(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to_empty(device=device)
+    if any(True for _ in model.buffers()):  # none in diffusers 0.42; to_empty would leave them garbage
+        raise RuntimeError("the transformer has buffers: to_empty cannot materialise them, initialise them here")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                bound = 1.0 / math.sqrt(param[0].numel())  # fan_in
+                param.uniform_(-bound, bound, generator=gen)
+            elif name.endswith("weight"):  # LayerNorm / RMSNorm scales
+                param.fill_(1.0)
+            else:
+                param.zero_()
+    return model.eval().requires_grad_(False)
+
+
+def make_inputs(config: dict, latent: tuple, text_tokens: int, text_valid: int, device, dtype, seed: int) -> dict:
+    frames, height, width = latent
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+    mask = torch.zeros(1, text_tokens, device=device, dtype=dtype)
+    mask[:, :text_valid] = 1
+    return dict(
+        hidden_states=randn(1, config["in_channels"], frames, height, width),
+        timestep=torch.tensor([900.0], device=device),
+        encoder_hidden_states=randn(1, text_tokens, config["text_embed_dim"]),
+        encoder_attention_mask=mask,
+        pooled_projections=randn(1, config["pooled_projection_dim"]),
+        guidance=torch.tensor([6000.0], device=device, dtype=dtype),
+        return_dict=False,
+    )
+
+
+def video_tokens(config: dict, latent: tuple) -> int:
+    frames, height, width = latent
+    p, pt = config["patch_size"], config["patch_size_t"]
+    return (frames // pt) * (height // p) * (width // p)
+
+
+@contextlib.contextmanager
+def first_blocks_only(model):
+    """Run the model through its first double- and first single-stream block only (a cheap kernel warm-up)."""
+    double, single = model.transformer_blocks, model.single_transformer_blocks
+    model.transformer_blocks = torch.nn.ModuleList([double[0]])
+    model.single_transformer_blocks = torch.nn.ModuleList([single[0]])
+    try:
+        yield
+    finally:
+        model.transformer_blocks, model.single_transformer_blocks = double, single
+
+
+# ---------------------------------------------------------------------------------------------- variants
+
+
+def fixed_density_processor_class():
+    from xattn_video import XAttnProcessor, XAttnStats
+    from xattn_video.attention import _sparse_attention, _Timer
+    from xattn_video.estimate import BlockSelection
+    from xattn_video.inputs import resolve_backend
+
+    class FixedDensityProcessor(XAttnProcessor):
+        """XAttnProcessor whose estimate is replaced by random blocks at a fixed density (benchmarks only)."""
+
+        def __init__(self, density: float, **kwargs):
+            super().__init__(**kwargs)
+            if not 0 < density <= 1:
+                raise ValueError(f"density must be in (0, 1], got {density}")
+            self.density = density
+            self._selections: dict = {}
+
+        def _selection(self, q: torch.Tensor, n_blocks: int) -> BlockSelection:
+            key = (q.shape[0], q.shape[1], n_blocks, q.device)
+            if key not in self._selections:
+                batch, heads = q.shape[:2]
+                gen = torch.Generator(device=q.device).manual_seed(1234 + n_blocks)
+                keep = max(1, round(self.density * n_blocks))
+                noise = torch.rand(batch, heads, n_blocks, n_blocks, generator=gen, device=q.device)
+                mask = noise.argsort(-1).argsort(-1) < keep
+                kb = torch.arange(n_blocks, device=q.device)
+                order = torch.where(mask, kb, kb + n_blocks).sort(-1).values
+                indices = torch.where(order < n_blocks, order, -1).to(torch.int32)
+                self._selections[key] = BlockSelection(mask, mask.sum(-1, dtype=torch.int32), indices)
+            return self._selections[key]
+
+        def sparse_attention(self, q, k, v):
+            n_blocks = math.ceil(q.shape[2] / self.block_size)
+            selection = self._selection(q, n_blocks)
+            backend = resolve_backend(self.backend, q.device)
+            timer = _Timer(q.device, enabled=True)
+            out = _sparse_attention(backend)(q, k, v, selection, block_size=self.block_size, causal=False, scale=None)
+            timer.mark()
+            kept = int(selection.kv_count.sum())
+            total = selection.mask.numel()
+            stats = XAttnStats(
+                density=kept / total,
+                density_per_head=selection.kv_count.sum(-1).float().cpu() / n_blocks**2,
+                kept_blocks=kept,
+                total_blocks=total,
+                estimate_ms=0.0,
+                attention_ms=timer.phases_ms()[0],
+                backend=backend,
+            )
+            return out, stats
+
+    return FixedDensityProcessor
+
+
+def parse_variant(name: str) -> tuple[str, float | None]:
+    if name in ("stock", "dense"):
+        return name, None
+    for prefix in ("xattn-", "fixed-"):
+        if name.startswith(prefix):
+            try:
+                value = float(name[len(prefix) :])
+            except ValueError:
+                break
+            if 0 < value <= 1:
+                return prefix[:-1], value
+    raise ValueError(f"unknown variant {name!r}: use stock, dense, xattn-<threshold>, fixed-<density> (0 < x <= 1)")
+
+
+def set_variant(model, variant: str, args):
+    """Put the variant's processors on ``model``; returns the XAttnProcessor (None for stock)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+
+    import xattn_video
+    from xattn_video.steps import StepTracker
+
+    kind, value = parse_variant(variant)
+    tracker = StepTracker.of(model)
+    if tracker is not None:
+        tracker.detach()
+    if kind == "stock":
+        model.set_attn_processor(
+            {
+                name: AttnProcessor2_0() if name.startswith("context_embedder") else HunyuanVideoAttnProcessor2_0()
+                for name in model.attn_processors
+            }
+        )
+        return None
+    common = dict(stride=args.stride, block_size=128, backend=args.backend)
+    if kind == "dense":  # every forward here is step 0 (same timestep and latents): warmup keeps it dense
+        return xattn_video.enable(model, threshold=0.9, warmup_steps=1, **common)
+    if kind == "xattn":
+        return xattn_video.enable(model, threshold=value, warmup_steps=0, **common)
+    proc = fixed_density_processor_class()(value, threshold=0.9, warmup_steps=0, **common)
+    model.set_attn_processor(proc)
+    return proc.attach(model)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def attention_check(n_video: int, text_tokens: int, text_valid: int, heads: int, head_dim: int, device, dtype):
+    """Dense valid-segment path vs stock's masked SDPA at full size, on random q/k/v; relative error."""
+    import torch.nn.functional as F
+
+    from xattn_video import XAttnProcessor
+
+    n = n_video + text_tokens
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, head_dim, generator=gen, device=device, dtype=dtype) for _ in range(3))
+    mask = torch.arange(n, device=device)[None, None, None, :] < n_video + text_valid
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = XAttnProcessor().attention(q, k, v, [n_video + text_valid], dense=True)
+    err = rel_err(out, ref)
+    del q, k, v, ref, out
+    return err
+
+
+# ---------------------------------------------------------------------------------------------- main loop
+
+
+def expected_forward_s(variant: str, size: str, tokens: int, measured: dict) -> float | None:
+    """A conservative guess of one forward's time from what was measured (attention ~ tokens^2 dominates)."""
+    kind = parse_variant(variant)[0]
+    for (_, other_variant), (step_s, other_tokens) in measured.items():
+        if other_variant == variant:
+            return step_s * (tokens / other_tokens) ** 2
+    if (size, "dense") in measured:
+        return measured[(size, "dense")][0] * EXPECTED_VS_DENSE[kind]
+    for (_, other_variant), (step_s, other_tokens) in measured.items():
+        if other_variant == "dense":
+            return step_s * (tokens / other_tokens) ** 2 * EXPECTED_VS_DENSE[kind]
+    return None
+
+
+def run_variant(model, variant, inputs, args, clock, deadline, expected_s, ref_out):
+    """Warm up, then time up to ``args.repeats`` forwards; returns a result row and the first output."""
+    row = dict(variant=variant, kind="fixed-density" if variant.startswith("fixed-") else "measured")
+    device = inputs["hidden_states"].device
+    warm_up_s = 5.0 if variant in ("stock", "dense") else 20.0  # Triton compiles / autotunes at a new shape
+    if expected_s and time.monotonic() + 1.15 * expected_s + warm_up_s > deadline:
+        row["skipped"] = f"skipped: time budget (a forward would take ~{expected_s:.0f} s)"
+        return row, None
+    proc = set_variant(model, variant, args)
+    stock_timer = StockAttentionTimer(device) if proc is None else contextlib.nullcontext()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    steps, attention, estimates, densities = [], [], [], []
+    out = None
+    with torch.inference_mode(), stock_timer:
+        with first_blocks_only(model):
+            model(**inputs)
+        if proc is None:
+            stock_timer.take_ms()
+        for i in range(args.repeats):
+            if i and time.monotonic() + 1.2 * (steps[-1] / 1e3) > deadline:
+                row["repeats_cut"] = f"{i} of {args.repeats} (time budget)"
+                break
+            if proc is not None:
+                proc.reset_stats()
+            start = clock.start()
+            result = model(**inputs)[0]
+            steps.append(clock.stop_ms(start))
+            if out is None:
+                out = result
+            if proc is None:
+                attention.append(stock_timer.take_ms())
+                estimates.append(0.0)
+                densities.append(1.0)
+            else:
+                totals = proc.stats["totals"]
+                attention.append(totals["attention_ms"] + totals["estimate_ms"])
+                estimates.append(totals["estimate_ms"])
+                densities.append(totals["density"])
+    median = sorted(steps)[len(steps) // 2]
+    pick = steps.index(median)
+    row.update(
+        step_s=median / 1e3,
+        steps_s=[s / 1e3 for s in steps],
+        attention_s=attention[pick] / 1e3,
+        attention_share=attention[pick] / median,
+        estimate_s=estimates[pick] / 1e3,
+        density=densities[pick],
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        finite=bool(torch.isfinite(out).all()),
+    )
+    if ref_out is not None:
+        row["rel_err_vs_dense"] = rel_err(out, ref_out)
+    if proc is not None:
+        proc.detach()
+    return row, out
+
+
+def run_size(model, label, latent, args, config, device, dtype, clock, deadline, text_tokens, measured) -> list[dict]:
+    n_video = video_tokens(config, latent)
+    inputs = make_inputs(config, latent, text_tokens, args.text_valid, device, dtype, seed=1)
+    tokens = dict(video_tokens=n_video, text_tokens=text_tokens, text_valid=args.text_valid)
+    print(f"## {label}: {n_video:,} video + {text_tokens} text tokens ({args.text_valid} valid)", flush=True)
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    check_err = attention_check(n_video, text_tokens, args.text_valid, heads, head_dim, device, dtype)
+    print(f"  check: dense valid-segment attention vs stock masked SDPA, rel err {check_err:.2e}", flush=True)
+    rows = []
+    # dense first: it is the reference for the output comparison and gives the forward-time estimate
+    order = sorted(args.variants, key=lambda v: v != "dense")
+    ref_out = None
+    n_tokens = n_video + text_tokens
+    for variant in order:
+        expected = expected_forward_s(variant, label, n_tokens, measured)
+        try:
+            row, out = run_variant(model, variant, inputs, args, clock, deadline, expected, ref_out)
+        except Exception as exc:  # report and go on with the other variants
+            row, out = dict(variant=variant, kind="error", error=f"{type(exc).__name__}: {exc}"[:300]), None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        row.update(size=label, attention_check_rel_err=check_err if variant == "dense" else None, **tokens)
+        if variant == "dense" and out is not None:
+            ref_out = out
+        if "step_s" in row:
+            measured[(label, variant)] = (row["step_s"], n_tokens)
+            print(
+                f"  {variant:>12}: step {row['step_s']:.2f} s, attention {row['attention_s']:.2f} s "
+                f"({100 * row['attention_share']:.0f}%), density {row['density']:.3f}"
+                + (f", rel err vs dense {row['rel_err_vs_dense']:.2e}" if "rel_err_vs_dense" in row else ""),
+                flush=True,
+            )
+        else:
+            print(f"  {variant:>12}: {row.get('skipped') or row.get('error')}", flush=True)
+        rows.append(row)
+    del ref_out
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| size | variant | kind | step s | attention s (share) | estimate s | density | peak GiB | "
+        "vs stock | vs dense | rel err vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {}
+    for r in rows:
+        if "step_s" in r and r["variant"] in ("stock", "dense"):
+            base[(r["size"], r["variant"])] = r["step_s"]
+    for r in rows:
+        if "step_s" not in r:
+            lines.append(f"| {r['size']} | {r['variant']} | {r['kind']} | {r.get('skipped') or r.get('error')} |")
+            continue
+        speed = []
+        for ref in ("stock", "dense"):
+            b = base.get((r["size"], ref))
+            speed.append(f"{b / r['step_s']:.2f}x" if b else "-")
+        err = f"{r['rel_err_vs_dense']:.1e}" if "rel_err_vs_dense" in r else "-"
+        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
+        lines.append(
+            f"| {r['size']} | {r['variant']} | {r['kind']} | {r['step_s']:.2f} | {r['attention_s']:.2f} "
+            f"({100 * r['attention_share']:.0f}%) | {r['estimate_s']:.2f} | {r['density']:.3f} | {peak} | "
+            f"{speed[0]} | {speed[1]} | {err} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=None, help=f"of {list(SIZES)} (default: both)")
+    parser.add_argument(
+        "--variants", nargs="+", default=DEFAULT_VARIANTS, help="stock, dense, xattn-<threshold>, fixed-<density>"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="timed forwards per variant (median reported)")
+    parser.add_argument("--stride", type=int, default=8, help="XAttention antidiagonal stride")
+    parser.add_argument("--backend", default="auto", help="xattn_attention backend: auto, triton, flex, torch")
+    parser.add_argument("--text-valid", type=int, default=None, help="valid text tokens of 256 (default 120)")
+    parser.add_argument(
+        "--budget-s", type=float, default=520.0, help="start no forward that would end after this many seconds"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="JSON output path (default $OUT/e2e_hunyuan.json if $OUT)")
+    parser.add_argument("--smoke", action="store_true", help="CPU smoke test: narrow model, tiny grid, float32")
+    args = parser.parse_args(argv)
+    for v in args.variants:
+        try:
+            parse_variant(v)
+        except ValueError as err:
+            parser.error(str(err))
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+
+    t0 = time.monotonic()
+    deadline = t0 + args.budget_s
+    if args.smoke:
+        config, sizes, text_tokens = SMOKE_CONFIG, SMOKE_SIZES, SMOKE_TEXT_TOKENS
+        device, dtype = torch.device("cpu"), torch.float32
+        args.text_valid = 20 if args.text_valid is None else args.text_valid
+        if args.backend == "auto":
+            args.backend = "torch"
+    else:
+        if not torch.cuda.is_available():
+            parser.error("this benchmark needs a CUDA GPU (or --smoke for a CPU run of the script)")
+        config, sizes, text_tokens = HUNYUAN_VIDEO_13B, SIZES, TEXT_TOKENS
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        args.text_valid = 120 if args.text_valid is None else args.text_valid
+    if not 1 <= args.text_valid <= text_tokens:
+        parser.error(f"--text-valid must be in [1, {text_tokens}]")
+    names = args.sizes or list(sizes)
+    for name in names:
+        if name not in sizes:
+            parser.error(f"--sizes takes {list(sizes)}, got {name}")
+
+    import_project()
+    import diffusers
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"# {device_name}, torch {torch.__version__}, triton {triton_version}, diffusers {diffusers.__version__}, "
+        f"transformers {transformers.__version__}",
+        flush=True,
+    )
+    model = build_transformer(config, device, dtype, args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"# HunyuanVideoTransformer3DModel, {n_params / 1e9:.2f}B parameters, {dtype}, random weights, "
+          f"built in {time.monotonic() - t0:.1f} s", flush=True)
+    clock = Clock(device)
+    rows: list[dict] = []
+    measured: dict = {}
+    for name in names:
+        rows += run_size(
+            model, name, sizes[name], args, config, device, dtype, clock, deadline, text_tokens, measured
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    print()
+    print(markdown(rows))
+    print(
+        "\nfixed-density rows: the estimate is replaced by random blocks at that density (random weights do not "
+        "give a real model's sparsity). step: median transformer forward; attention: estimate + attention "
+        "kernels over all 60 joint layers.",
+        flush=True,
+    )
+    path = args.json or (os.path.join(os.environ["OUT"], "e2e_hunyuan.json") if os.environ.get("OUT") else None)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(
+                dict(
+                    device=device_name,
+                    torch=torch.__version__,
+                    triton=triton_version,
+                    diffusers=diffusers.__version__,
+                    transformers=transformers.__version__,
+                    time=time.strftime("%Y-%m-%d %H:%M:%S"),
+                    config={k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+                    parameters=n_params,
+                    args=vars(args),
+                    rows=rows,
+                    wall_s=time.monotonic() - t0,
+                ),
+                f,
+                indent=1,
+            )
+        print(f"# wrote {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

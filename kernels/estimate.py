@@ -1,0 +1,461 @@
+"""Antidiagonal block estimate (Triton): XAttention's block scores in one pass over the strided product.
+
+What it computes
+    Strided row i is Q'[i] = concat_s Q[i*S + S-1-s] and strided key j is K'[j] = concat_s K[j*S + s]
+    (s = 0..S-1, tokens past the end are zeros). Each strided row is softmaxed over the ceil(Nk/S) strided
+    keys with logits Q'K'^T * scale / S (causal: key j visible to row i iff j <= i) and its probabilities are
+    summed per key block of B/S strided keys; a block score is the sum over the strided rows of its query
+    block (strided rows made only of padding count 0). The result, float32 ``[B, H, ceil(Nq/B),
+    ceil(Nk/B)]``, equals :func:`xattn_video.reference.block_scores_torch`.
+
+Design
+    The strided product is a GEMM of reduction depth S*D that is never materialised: for a tile of
+    ``BLOCK_M`` strided rows x ``BLOCK_N`` strided keys, the kernel accumulates, for s = 0..S-1,
+    ``dot(Q[rows*S + S-1-s, :], K[cols*S + s, :]^T)``; each operand is a row-strided load of q/k in place
+    (no copies of Q'/K'; grouped-query heads read kv head ``h // (H // Hkv)``). One pass with an online
+    softmax: after each key tile the running row max ``m`` is updated, ``p = exp2(logit - m)`` (log2(e) is
+    folded into the logit scale) is summed over each key block's B/S strided columns, and these per-row
+    partial sums (float32) are written to a scratch buffer with the max they were taken against; the row sum
+    ``l`` is carried along. The (N/S)^2 score matrix is never written. A small second kernel forms
+    ``score[qb, kb] = sum_{i in qb} partial[i, kb] * exp2(m_used[i, tile(kb)] - m[i]) / l[i]``.
+    The scratch holds (rows x key blocks) floats per (batch, head); the launcher walks (batch, head) in
+    chunks so that it stays under ``scratch_bytes`` (256 MiB by default).
+
+    The main loop is flattened over (key tile, s) pairs (the softmax step runs on the last s of each tile) so
+    that the software pipeline runs across key tiles; ``flatten=False`` nests the s loop instead. Key tiles
+    wholly visible run without masks; the ragged last key tile and the causal tiles that cross the diagonal
+    run in a separate masked tail loop. Causal programs stop at the diagonal.
+
+Numerics
+    float32 accumulation. bf16/fp16 inputs multiply on the tensor cores in their own dtype (exact products).
+    float32 inputs use TF32 products by default (``input_precision="tf32"``, about 1e-3 relative error on the
+    logits, plenty for an estimate); pass ``input_precision="ieee"`` for exact float32 products.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+from xattn_video.config import check_block_size, check_stride
+from xattn_video.inputs import check_qkv
+
+LOG2E = 1.4426950408889634
+# Triton 3.9's interpreter multiplies bfloat16 tiles as their raw uint16 bits; under TRITON_INTERPRET=1 the
+# kernel widens bf16 operands to float32 (bf16 x bf16 products are exact in float32, as on the tensor cores).
+# Compiled kernels never take that path.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+SCRATCH_BYTES = 256 << 20
+
+
+@triton.jit
+def _estimate_partials_kernel(
+    Q,
+    K,
+    PART,
+    MUSED,
+    MFIN,
+    LFIN,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    bh0,
+    H,
+    GROUP,
+    N_Q,
+    N_K,
+    ROWS_K,
+    PART_ROWS,
+    PART_COLS,
+    N_NTILES,
+    qk_scale,
+    S: tl.constexpr,
+    R: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BF16_VIA_F32: tl.constexpr,
+):
+    NB: tl.constexpr = BLOCK_N // R  # key blocks per key tile
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # the last row tiles see the most keys: launch them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    bh = bh0 + pid_bh
+    b = bh // H
+    h = bh % H
+    hkv = h // GROUP
+    m0 = pid_m * BLOCK_M
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_nb = tl.arange(0, NB)
+    rows = m0 + offs_m
+
+    # 64-bit scalars: slot offsets never overflow (and the interpreter skips its int32 overflow checks).
+    # (tl.cast, not .to: an int argument equal to 1 arrives as a constexpr.)
+    n_q64 = tl.cast(N_Q, tl.int64)
+    n_k64 = tl.cast(N_K, tl.int64)
+    sqn = tl.cast(stride_qn, tl.int64)
+    skn = tl.cast(stride_kn, tl.int64)
+    # Token (row) offsets of the strided rows/keys at s = 0; slot s adds S-1-s (queries) or s (keys) rows.
+    q_tok = rows * S
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q_ptrs0 = q_base + q_tok.to(tl.int64)[:, None] * stride_qn + offs_d[None, :]
+    k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+    k_tok = offs_n * S
+    # K is read transposed, [BLOCK_D, BLOCK_N], so that the dot needs no tl.trans.
+    k_ptrs0 = k_base + offs_d[:, None] + k_tok.to(tl.int64)[None, :] * stride_kn
+    if EVEN_D:
+        d_ok = offs_d < BLOCK_D
+    else:
+        d_ok = offs_d < HEAD_DIM
+
+    # Scratch rows of this program (scratch is [chunk, PART_ROWS, ...], PART_ROWS a multiple of BLOCK_M).
+    prow = pid_bh.to(tl.int64) * PART_ROWS + rows
+    part_ptrs0 = PART + prow[:, None] * PART_COLS + offs_nb[None, :]
+    mused_ptrs0 = MUSED + prow * N_NTILES
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # Key tiles [0, n_full) need no mask on the logits: every key exists and (causal) lies at or left of
+    # every row of the tile. Tiles [n_full, n_tiles) are the ragged last tile and the diagonal tiles.
+    if CAUSAL:
+        n_full = tl.minimum(ROWS_K, m0 + 1) // BLOCK_N
+        n_tiles = (tl.minimum(ROWS_K, m0 + BLOCK_M) + BLOCK_N - 1) // BLOCK_N
+    else:
+        n_full = ROWS_K // BLOCK_N
+        n_tiles = (ROWS_K + BLOCK_N - 1) // BLOCK_N
+
+    if FLATTEN:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for it in range(0, n_full * S):
+            tile = it // S
+            s = it - tile * S
+            n0 = tile * BLOCK_N
+            q = tl.load(
+                q_ptrs0 + (S - 1 - s) * sqn,
+                mask=(q_tok < n_q64 - (S - 1 - s))[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            k = tl.load(
+                k_ptrs0 + (n0 * S + s) * skn,
+                mask=d_ok[:, None] & (k_tok < n_k64 - (n0 * S + s))[None, :],
+                other=0.0,
+            )
+            if BF16_VIA_F32:
+                q = q.to(tl.float32)
+                k = k.to(tl.float32)
+            acc = tl.dot(q, k, acc, input_precision=PRECISION)
+            if s == S - 1:
+                m_new = tl.maximum(m_i, tl.max(acc, 1) * qk_scale)
+                p = tl.math.exp2(acc * qk_scale - m_new[:, None])
+                psum = tl.sum(tl.reshape(p, [BLOCK_M, NB, R]), 2)
+                l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(psum, 1)
+                m_i = m_new
+                tl.store(part_ptrs0 + tile * NB, psum)
+                tl.store(mused_ptrs0 + tile, m_new)
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        for tile in range(0, n_full):
+            n0 = tile * BLOCK_N
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(0, S):
+                q = tl.load(
+                    q_ptrs0 + (S - 1 - s) * sqn,
+                    mask=(q_tok < n_q64 - (S - 1 - s))[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
+                k = tl.load(
+                    k_ptrs0 + (n0 * S + s) * skn,
+                    mask=d_ok[:, None] & (k_tok < n_k64 - (n0 * S + s))[None, :],
+                    other=0.0,
+                )
+                if BF16_VIA_F32:
+                    q = q.to(tl.float32)
+                    k = k.to(tl.float32)
+                acc = tl.dot(q, k, acc, input_precision=PRECISION)
+            m_new = tl.maximum(m_i, tl.max(acc, 1) * qk_scale)
+            p = tl.math.exp2(acc * qk_scale - m_new[:, None])
+            psum = tl.sum(tl.reshape(p, [BLOCK_M, NB, R]), 2)
+            l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(psum, 1)
+            m_i = m_new
+            tl.store(part_ptrs0 + tile * NB, psum)
+            tl.store(mused_ptrs0 + tile, m_new)
+
+    # Masked tail: the ragged last key tile and (causal) the tiles crossing the diagonal.
+    for tile in tl.range(n_full, n_tiles, num_stages=1):
+        n0 = tile * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for s in range(0, S):
+            q = tl.load(
+                q_ptrs0 + (S - 1 - s) * sqn,
+                mask=(q_tok < n_q64 - (S - 1 - s))[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            k = tl.load(
+                k_ptrs0 + (n0 * S + s) * skn,
+                mask=d_ok[:, None] & (k_tok < n_k64 - (n0 * S + s))[None, :],
+                other=0.0,
+            )
+            if BF16_VIA_F32:
+                q = q.to(tl.float32)
+                k = k.to(tl.float32)
+            acc = tl.dot(q, k, acc, input_precision=PRECISION)
+        cols = n0 + offs_n
+        valid = (cols < ROWS_K)[None, :]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= rows[:, None])
+        x = tl.where(valid, acc * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        # A row that has seen no key yet keeps m = -inf; subtracting 0 keeps exp2 at 0 rather than NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(x - m_use[:, None])
+        psum = tl.sum(tl.reshape(p, [BLOCK_M, NB, R]), 2)
+        l_i = l_i * tl.math.exp2(m_i - m_use) + tl.sum(psum, 1)
+        m_i = m_new
+        tl.store(part_ptrs0 + tile * NB, psum)
+        tl.store(mused_ptrs0 + tile, m_use)
+
+    tl.store(MFIN + prow, m_i)
+    tl.store(LFIN + prow, l_i)
+
+
+@triton.jit
+def _estimate_reduce_kernel(
+    PART,
+    MUSED,
+    MFIN,
+    LFIN,
+    OUT,
+    stride_ob,
+    stride_oh,
+    stride_oq,
+    bh0,
+    H,
+    N_QB,
+    N_KB,
+    ROWS_Q,
+    PART_ROWS,
+    PART_COLS,
+    N_NTILES,
+    R: tl.constexpr,
+    NB: tl.constexpr,
+    QB_PER: tl.constexpr,
+    KB_PER: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
+    ROWS: tl.constexpr = QB_PER * R
+    pid_q = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    bh = bh0 + pid_bh
+    b = bh // H
+    h = bh % H
+
+    qbs = pid_q * QB_PER + tl.arange(0, QB_PER)
+    rows = pid_q * ROWS + tl.arange(0, ROWS)
+    kbs = pid_k * KB_PER + tl.arange(0, KB_PER)
+    row_in = rows < PART_ROWS
+    row_ok = rows < ROWS_Q
+    kb_ok = kbs < N_KB
+
+    prow = pid_bh.to(tl.int64) * PART_ROWS + rows
+    m = tl.load(MFIN + prow, mask=row_in, other=0.0)
+    row_sum = tl.load(LFIN + prow, mask=row_in, other=1.0)
+    inv_l = tl.where(row_ok, 1.0 / row_sum, 0.0)
+    valid = row_ok[:, None] & kb_ok[None, :]
+    if CAUSAL:
+        valid = valid & (kbs[None, :] <= (rows // R)[:, None])
+    part = tl.load(PART + prow[:, None] * PART_COLS + kbs[None, :], mask=valid, other=0.0)
+    m_used = tl.load(MUSED + prow[:, None] * N_NTILES + (kbs // NB)[None, :], mask=valid, other=0.0)
+    val = tl.where(valid, part * tl.math.exp2(m_used - m[:, None]) * inv_l[:, None], 0.0)
+    score = tl.sum(tl.reshape(val, [QB_PER, R, KB_PER]), 1)
+    out_base = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    out_mask = (qbs < N_QB)[:, None] & kb_ok[None, :]
+    tl.store(out_base + qbs[:, None] * stride_oq + kbs[None, :], score, mask=out_mask)
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def default_config(head_dim: int, elem_bytes: int) -> dict[str, int]:
+    """Tiles and launch settings per head dim and dtype (Hopper); the lead tunes these on the GPU."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m, block_n = 128, 128
+    if block_d > 128 or elem_bytes == 4:
+        block_n = 64
+    stage_bytes = (block_m + block_n) * block_d * elem_bytes
+    num_stages = max(1, min(4, (200 << 10) // stage_bytes))
+    return {"block_m": block_m, "block_n": block_n, "num_warps": 8, "num_stages": num_stages}
+
+
+def _check_tile(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not _is_pow2(value) or value < 16:
+        raise ValueError(f"{name} must be a power of two >= 16, got {value!r}")
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pick_chunk(n_bh: int, max_chunk: int, n_mtiles: int, slots: int) -> int:
+    """(batch, head) pairs per launch: the fewest waves of ``slots`` programs over all launches, then the
+    fewest launches. Chunks of at most ``max_chunk`` (the scratch bound)."""
+    max_chunk = max(1, min(max_chunk, n_bh))
+    best, best_key = max_chunk, None
+    for chunk in range(max_chunk, 0, -1):
+        full, rest = divmod(n_bh, chunk)
+        waves = full * -(-chunk * n_mtiles // slots) + (-(-rest * n_mtiles // slots) if rest else 0)
+        key = (waves, -(-n_bh // chunk))
+        if best_key is None or key < best_key:
+            best, best_key = chunk, key
+    return best
+
+
+# (config key) -> num_stages that compiled, after an out-of-resources retry.
+_STAGES_THAT_FIT: dict[tuple, int] = {}
+
+
+def block_scores_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    stride: int,
+    block_size: int,
+    causal: bool,
+    scale: float | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    flatten: bool = True,
+    input_precision: str | None = None,
+    scratch_bytes: int = SCRATCH_BYTES,
+    reduce_rows: int = 64,
+    reduce_cols: int = 64,
+    reduce_warps: int = 4,
+) -> torch.Tensor:
+    """Antidiagonal block scores; equals ``xattn_video.reference.block_scores_torch``.
+
+    q [B, H, Nq, D], k [B, Hkv, Nk, D] (H % Hkv == 0; any strides, the last dim is made contiguous when it
+    is not), bf16/fp16/fp32, D <= 256; causal needs Nq == Nk. Returns float32
+    ``[B, H, ceil(Nq/block_size), ceil(Nk/block_size)]``.
+
+    Tuning knobs (defaults from :func:`default_config`): ``block_m``/``block_n`` (strided rows/keys per
+    tile, powers of two >= 16; ``block_n`` is raised to ``block_size // stride`` when smaller),
+    ``num_warps``, ``num_stages`` (lowered by one, and remembered, when a configuration does not fit in
+    shared memory), ``flatten`` (one pipelined loop over (key tile, s) pairs, or nested loops),
+    ``input_precision`` for float32 inputs ("tf32" default, "tf32x3", "ieee"), ``scratch_bytes`` (bound on
+    the partial-sum scratch; (batch, head) pairs run in chunks under it), and the reduction kernel's tile
+    (``reduce_rows`` strided rows, at least one query block, x ``reduce_cols`` key blocks) and warps.
+    """
+    check_qkv(q, k, None, causal=causal)
+    check_block_size(block_size)
+    check_stride(stride, block_size)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    batch, heads, n_q, dim = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    if scale is None:
+        scale = dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    if input_precision not in (None, "tf32", "tf32x3", "ieee"):
+        raise ValueError(f"input_precision must be None, 'tf32', 'tf32x3' or 'ieee', got {input_precision!r}")
+    if isinstance(scratch_bytes, bool) or not isinstance(scratch_bytes, int) or scratch_bytes <= 0:
+        raise ValueError(f"scratch_bytes must be a positive int, got {scratch_bytes!r}")
+
+    rows_per_block = block_size // stride
+    config = default_config(dim, q.element_size())
+    block_m = config["block_m"] if block_m is None else block_m
+    block_n = config["block_n"] if block_n is None else block_n
+    _check_tile("block_m", block_m)
+    _check_tile("block_n", block_n)
+    _check_tile("reduce_cols", reduce_cols)
+    if isinstance(reduce_rows, bool) or not isinstance(reduce_rows, int) or not _is_pow2(reduce_rows):
+        raise ValueError(f"reduce_rows must be a power of two, got {reduce_rows!r}")
+    block_n = max(block_n, rows_per_block)
+    num_warps = config["num_warps"] if num_warps is None else num_warps
+    num_stages = config["num_stages"] if num_stages is None else num_stages
+    block_d = max(16, triton.next_power_of_2(dim))
+
+    n_qb, n_kb = math.ceil(n_q / block_size), math.ceil(n_k / block_size)
+    rows_q, rows_k = math.ceil(n_q / stride), math.ceil(n_k / stride)
+    scores = torch.empty(batch, heads, n_qb, n_kb, dtype=torch.float32, device=q.device)
+    if batch * heads == 0:
+        return scores
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+
+    # Scratch per (batch, head): partial sums [part_rows, part_cols], the max each tile used
+    # [part_rows, n_ntiles], final max and sum [part_rows] each.
+    n_mtiles = triton.cdiv(n_qb * rows_per_block, block_m)
+    n_ntiles = triton.cdiv(rows_k, block_n)
+    part_rows = n_mtiles * block_m
+    part_cols = n_ntiles * (block_n // rows_per_block)
+    per_bh = part_rows * (part_cols + n_ntiles + 2)
+    max_chunk = max(1, min(batch * heads, scratch_bytes // (4 * per_bh)))
+    chunk = _pick_chunk(batch * heads, max_chunk, n_mtiles, _sm_count(q.device))
+    scratch = torch.empty(chunk * per_bh, dtype=torch.float32, device=q.device)
+    part = scratch[: chunk * part_rows * part_cols]
+    mused = scratch[part.numel() : part.numel() + chunk * part_rows * n_ntiles]
+    mfin = scratch[part.numel() + mused.numel() :][: chunk * part_rows]
+    lfin = scratch[part.numel() + mused.numel() + mfin.numel() :]
+
+    via_f32 = _INTERPRETED and q.dtype == torch.bfloat16
+    if q.dtype == torch.float32:
+        precision = "ieee" if _INTERPRETED else (input_precision or "tf32")
+    else:
+        precision = "ieee" if via_f32 else None
+    qk_scale = scale / stride * LOG2E
+
+    qb_per = max(1, reduce_rows // rows_per_block)
+    key = (q.device, q.dtype, dim, stride, rows_per_block, block_m, block_n, num_warps, num_stages, causal)
+    key += (flatten,)
+    for bh0 in range(0, batch * heads, chunk):
+        n_bh = min(chunk, batch * heads - bh0)
+        stages = _STAGES_THAT_FIT.get(key, num_stages)
+        while True:
+            try:
+                _estimate_partials_kernel[(n_mtiles, n_bh)](
+                    q, k, part, mused, mfin, lfin,
+                    *q.stride()[:3], *k.stride()[:3],
+                    bh0, heads, heads // kv_heads, n_q, n_k, rows_k, part_rows, part_cols, n_ntiles, qk_scale,
+                    S=stride, R=rows_per_block, HEAD_DIM=dim, BLOCK_D=block_d,
+                    BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, FLATTEN=flatten, PRECISION=precision,
+                    BF16_VIA_F32=via_f32,
+                    num_warps=num_warps, num_stages=stages,
+                )  # fmt: skip
+                break
+            except OutOfResources:
+                if stages <= 1:
+                    raise
+                stages -= 1
+                _STAGES_THAT_FIT[key] = stages
+        grid = (triton.cdiv(n_qb, qb_per), triton.cdiv(n_kb, reduce_cols), n_bh)
+        _estimate_reduce_kernel[grid](
+            part, mused, mfin, lfin, scores, *scores.stride()[:3],
+            bh0, heads, n_qb, n_kb, rows_q, part_rows, part_cols, n_ntiles,
+            R=rows_per_block, NB=block_n // rows_per_block, QB_PER=qb_per, KB_PER=reduce_cols, CAUSAL=causal,
+            num_warps=reduce_warps,
+        )  # fmt: skip
+    return scores
