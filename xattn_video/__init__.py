@@ -9,6 +9,7 @@ Public surface:
 from .attention import XAttnStats, xattn_attention
 from .config import XAttnConfig
 from .estimate import estimate_block_mask
+from .hunyuan import XAttnProcessor, enable
 
-__all__ = ["XAttnConfig", "XAttnStats", "estimate_block_mask", "xattn_attention"]
+__all__ = ["XAttnConfig", "XAttnProcessor", "XAttnStats", "enable", "estimate_block_mask", "xattn_attention"]
 __version__ = "0.1.0"

@@ -1,0 +1,709 @@
+"""XAttention as a diffusers attention processor for HunyuanVideo (diffusers >= 0.42).
+
+Use::
+
+    import xattn_video
+    proc = xattn_video.enable(pipe, threshold=0.9, stride=8, warmup_steps=5)
+    video = pipe(prompt, ...).frames[0]
+    proc.save_stats("xattn_stats.json")
+
+or, setting the processor yourself::
+
+    proc = XAttnProcessor(threshold=0.9, stride=8, warmup_steps=5)
+    pipe.transformer.set_attn_processor(proc)
+    proc.attach(pipe.transformer)  # step tracking: the processor cannot see the timestep otherwise
+
+What a joint video attention layer (HunyuanVideo's double- and single-stream blocks) does with it:
+
+1. exactly what diffusers' ``HunyuanVideoAttnProcessor2_0`` does up to the attention call: Q/K/V projections,
+   QK RMS-norm, RoPE on the video tokens only, text tokens appended after the video tokens;
+2. attention over the *valid segment* (the video tokens and the unpadded text tokens, a prefix of the joint
+   sequence) with no mask, per sample when the samples of a batch have different prompt lengths, batched
+   when they share one:
+   - dense steps (the first ``warmup_steps`` of each generation) and ``dense_layers``: SDPA (cuDNN first on
+     CUDA; the diffusers attention backend instead when one was set on the processor);
+   - sparse steps: :func:`xattn_video.xattn_attention`;
+3. exactly stock's output projections.
+
+Padded text tokens: the mask the HunyuanVideo transformer builds is a key-padding mask ``[B, 1, 1, N]`` (True
+for the first ``video + valid text`` tokens), so under stock attention every query row, padded or not,
+attends to the valid keys only. The padded query rows are computed here the same way (dense SDPA of those
+rows over the valid keys), which reproduces stock for them too. They could not change the video anyway: padded
+tokens are masked out as keys in every layer and the transformer's output is read from the video tokens alone.
+
+Attention modules that are not joint video attention (the text token refiner's self-attention) keep their
+stock behaviour: they are handed to diffusers' ``AttnProcessor2_0`` as their ``Attention`` would by default.
+
+Statistics (:attr:`XAttnProcessor.stats`, :meth:`~XAttnProcessor.save_stats`, debug-level logging on the
+``xattn_video.hunyuan`` logger after each forward): per generation, step and layer, the block density (kept
+blocks / blocks of the valid segment; exactly 1.0 on dense steps and layers), the estimate time and the
+attention time in milliseconds (CUDA events on a GPU, read lazily; the wall clock on a CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .attention import XAttnStats, _Timer, xattn_attention
+from .config import XAttnConfig
+from .steps import StepPosition, StepTracker, tensor_version
+
+__all__ = ["XAttnProcessor", "enable"]
+
+logger = logging.getLogger(__name__)
+
+# Dense attention over the valid segment on CUDA: cuDNN first (the fastest dense kernel on H100 for this
+# shape), then flash, memory-efficient, math; SDPA takes the first that supports the inputs.
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    DENSE_SDPA_PRIORITY = [
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.MATH,
+    ]
+except ImportError:  # pragma: no cover - torch < 2.3
+    sdpa_kernel = None
+    DENSE_SDPA_PRIORITY = []
+
+
+def _dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked SDPA in [B, H, N, D] layout; cuDNN-first priority on CUDA."""
+    if q.is_cuda and sdpa_kernel is not None and DENSE_SDPA_PRIORITY:
+        try:
+            ctx = sdpa_kernel(DENSE_SDPA_PRIORITY, set_priority=True)
+        except TypeError:  # pragma: no cover - torch without set_priority
+            ctx = sdpa_kernel(DENSE_SDPA_PRIORITY)
+        with ctx:
+            return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class _Record:
+    """Accumulated calls of one layer at one step (two calls with true CFG)."""
+
+    mode: str
+    calls: int = 0
+    kept: int = 0
+    total: int = 0
+    estimate_ms: float = 0.0
+    attention_ms: float = 0.0
+    pending: list = field(default_factory=list)  # _Timer objects whose (attention) phases are not read yet
+
+    def add(self, mode: str, kept: int, total: int, estimate_ms: float, attention_ms: float, timers: list) -> None:
+        if mode != self.mode:
+            self.mode = "mixed"
+        self.calls += 1
+        self.kept += kept
+        self.total += total
+        self.estimate_ms += estimate_ms
+        self.attention_ms += attention_ms
+        self.pending.extend(timers)
+
+    def resolve(self) -> None:
+        for timer in self.pending:
+            self.attention_ms += sum(timer.phases_ms())
+        self.pending.clear()
+
+    @property
+    def density(self) -> float:
+        return self.kept / self.total if self.total else 1.0
+
+
+def _blocks(n: int, block_size: int) -> int:
+    return math.ceil(n / block_size)
+
+
+# ---------------------------------------------------------------------------------------------- processor
+
+
+def _check_nonneg_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+class XAttnProcessor:
+    """XAttention processor for HunyuanVideo's joint (video + text) attention, with dense warmup.
+
+    Args:
+        threshold: share of each query block's estimated attention mass the kept key blocks must cover, in
+            (0, 1]; 1.0 keeps every block.
+        stride: antidiagonal stride of the estimate (a power of two dividing ``block_size``).
+        block_size: tokens per query/key block (power of two, 16..256).
+        warmup_steps: the first ``warmup_steps`` denoising steps of every generation run dense. Needs the
+            step: call :meth:`attach` (or use :func:`enable`).
+        dense_layers: joint attention layer indices kept dense at every step: 0..num_layers-1 are the
+            double-stream blocks, then the single-stream blocks follow (HunyuanVideo 13B: 0..19 double,
+            20..59 single). Needs :meth:`attach`.
+        backend: ``xattn_attention`` backend for sparse steps: "auto", "triton", "flex" or "torch".
+
+    Set it on the whole transformer with ``transformer.set_attn_processor(proc)``; modules that are not joint
+    video attention keep stock diffusers behaviour.
+    """
+
+    # Set by diffusers' ``set_attention_backend`` / context parallelism, as on its own processors.
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(
+        self,
+        threshold: float = 0.9,
+        stride: int = 8,
+        block_size: int = 128,
+        warmup_steps: int = 0,
+        dense_layers: Iterable[int] = (),
+        backend: str = "auto",
+    ):
+        self.config = XAttnConfig(threshold, stride, block_size, False, backend)
+        self.warmup_steps = _check_nonneg_int("warmup_steps", warmup_steps)
+        if isinstance(dense_layers, (int, str, bytes)) or not isinstance(dense_layers, Iterable):
+            raise TypeError(f"dense_layers must be an iterable of layer indices such as (0, 1), got {dense_layers!r}")
+        self.dense_layers = frozenset(_check_nonneg_int("dense_layers entries", i) for i in dense_layers)
+        self._tracker: StepTracker | None = None
+        self._layers: dict[torch.nn.Module, tuple[int, str]] = {}
+        self._records: dict[tuple, _Record] = {}
+        self._timesteps: dict[tuple[int, int], float] = {}
+        self._mask_cache: tuple | None = None
+        self._stock = None
+        self._warned: set[str] = set()
+        self._last_position: StepPosition | None = None
+
+    # ----------------------------------------------------------------- parameters
+
+    threshold = property(lambda self: self.config.threshold)
+    stride = property(lambda self: self.config.stride)
+    block_size = property(lambda self: self.config.block_size)
+    backend = property(lambda self: self.config.backend)
+
+    def __repr__(self) -> str:
+        return (
+            f"XAttnProcessor(threshold={self.threshold}, stride={self.stride}, block_size={self.block_size}, "
+            f"warmup_steps={self.warmup_steps}, dense_layers={tuple(sorted(self.dense_layers))}, "
+            f"backend={self.backend!r})"
+        )
+
+    def settings(self) -> dict:
+        return {
+            "threshold": self.threshold,
+            "stride": self.stride,
+            "block_size": self.block_size,
+            "warmup_steps": self.warmup_steps,
+            "dense_layers": sorted(self.dense_layers),
+            "backend": self.backend,
+        }
+
+    # ----------------------------------------------------------------- attach
+
+    def attach(self, transformer: torch.nn.Module) -> XAttnProcessor:
+        """Attach step tracking to ``transformer`` (a HunyuanVideo transformer) and learn its layer indices.
+
+        Call it after ``transformer.set_attn_processor(self)``; :func:`enable` does both. The step tracker is a
+        forward pre-hook reading the transformer's ``timestep`` (one per transformer, shared); attaching resets
+        its count, so the next forward starts generation 0.
+        """
+        layers = _joint_layers(transformer)
+        n_layers = len(layers)
+        bad = sorted(i for i in self.dense_layers if i >= n_layers)
+        if bad:
+            raise ValueError(
+                f"dense_layers {bad} out of range: {type(transformer).__name__} has {n_layers} joint attention "
+                f"layers (0..{n_layers - 1}: double-stream blocks first, then single-stream blocks)"
+            )
+        self.detach()
+        self._tracker = StepTracker.attach(transformer)
+        self._tracker.reset()  # the next forward starts generation 0
+        self._tracker.add_listener(self._on_forward_end)
+        self._layers = {attn: (i, kind) for i, (attn, kind) in enumerate(layers)}
+        others = sorted({type(attn.processor).__name__ for attn, _ in layers if attn.processor is not self})
+        if others:
+            logger.warning(
+                "XAttnProcessor attached, but %d of %d joint attention layers use %s: call "
+                "transformer.set_attn_processor(proc) too, or use xattn_video.enable(pipe, ...)",
+                sum(attn.processor is not self for attn, _ in layers),
+                n_layers,
+                ", ".join(others),
+            )
+        return self
+
+    def detach(self) -> None:
+        """Stop listening to the attached transformer's step tracker (the tracker itself stays)."""
+        if self._tracker is not None:
+            self._tracker.remove_listener(self._on_forward_end)
+        self._tracker = None
+        self._layers = {}
+
+    @property
+    def tracker(self) -> StepTracker | None:
+        return self._tracker
+
+    # ----------------------------------------------------------------- the call
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        layer = self._layers.get(attn)
+        if layer is None:
+            if encoder_hidden_states is None:  # the token refiner's self-attention: stock behaviour
+                return self._stock_processor(attn)(attn, hidden_states, encoder_hidden_states, attention_mask)
+            if self._layers:
+                raise RuntimeError(
+                    "XAttnProcessor was called by a joint attention layer of a transformer it is not attached to; "
+                    "use one processor per transformer (xattn_video.enable(transformer, ...))"
+                )
+        position = self._position(layer)
+
+        query, key, value = _project(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        lengths = self._valid_lengths(attention_mask, query.shape[0], query.shape[1])
+        dense = (position is not None and position.step < self.warmup_steps) or (
+            layer is not None and layer[0] in self.dense_layers
+        )
+        if lengths is False:  # a mask that is not a key-padding prefix: stock masked attention
+            out_bnhd, mode, kept, total, est, att, timers = self._stock_attention(query, key, value, attention_mask)
+        else:
+            q, k, v = (t.permute(0, 2, 1, 3) for t in (query, key, value))  # [B, H, N, D], as diffusers' SDPA
+            out, mode, kept, total, est, att, timers = self._attend(q, k, v, lengths, dense)
+            out_bnhd = out.permute(0, 2, 1, 3)
+        self._record(position, layer, mode, kept, total, est, att, timers)
+
+        hidden_states = out_bnhd.flatten(2, 3).to(query.dtype)
+        return _output(attn, hidden_states, encoder_hidden_states)
+
+    def _position(self, layer) -> StepPosition | None:
+        needs = []
+        if self.warmup_steps:
+            needs.append(f"warmup_steps={self.warmup_steps}")
+        if self.dense_layers:
+            needs.append(f"dense_layers={tuple(sorted(self.dense_layers))}")
+        tracker = self._tracker
+        if tracker is None or not tracker.attached:
+            if needs:
+                raise RuntimeError(
+                    f"XAttnProcessor({', '.join(needs)}) needs the denoising step and the layer index, but no step "
+                    "tracker is attached (diffusers passes attention processors no timestep). Fix: use "
+                    "`xattn_video.enable(pipe, ...)` instead of set_attn_processor, or call "
+                    "`proc.attach(pipe.transformer)` after `pipe.transformer.set_attn_processor(proc)`."
+                )
+            return None
+        if tracker.position is None:
+            raise RuntimeError(
+                "XAttnProcessor is attached but no transformer forward has been seen: call the transformer (or the "
+                "pipeline), not its attention modules directly"
+            )
+        return tracker.position
+
+    def _stock_processor(self, attn):
+        if self._stock is None:
+            from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+            self._stock = (AttnProcessor2_0(), AttnProcessor())
+        return self._stock[0] if getattr(attn, "scale_qk", True) else self._stock[1]
+
+    # ----------------------------------------------------------------- valid segment
+
+    def _valid_lengths(self, mask: torch.Tensor | None, batch: int, n: int):
+        """Valid tokens per sample (a list), or False when ``mask`` is not a key-padding prefix mask.
+
+        Computed once per mask tensor: HunyuanVideo builds the mask once per forward and hands the same tensor
+        to every block, so this costs one device-to-host copy per forward.
+        """
+        if mask is None:
+            return [n] * batch
+        cached = self._mask_cache
+        if cached is not None and cached[0]() is mask and cached[1] == tensor_version(mask):
+            return cached[2]
+        result = _prefix_lengths(mask, batch, n)
+        try:
+            self._mask_cache = (weakref.ref(mask), tensor_version(mask), result)
+        except TypeError:  # pragma: no cover - tensors support weak references
+            self._mask_cache = None
+        if result is False and "mask" not in self._warned:
+            self._warned.add("mask")
+            logger.warning(
+                "XAttnProcessor: attention_mask of shape %s is not a key-padding prefix mask (as HunyuanVideo's "
+                "transformer builds); those calls run diffusers' stock masked attention",
+                tuple(mask.shape),
+            )
+        return result
+
+    # ----------------------------------------------------------------- attention
+
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_lengths=None, *, dense: bool = False
+    ) -> torch.Tensor:
+        """The processor's attention step alone: q/k/v [B, H, N, D] with sample b valid on its first
+        ``valid_lengths[b]`` tokens (default: all). Sparse (:meth:`sparse_attention` on each valid segment) or
+        ``dense``; padded query rows attend densely to the valid keys, as under stock's key-padding mask.
+        Not recorded in :attr:`stats`."""
+        batch, _, n = q.shape[:3]
+        lengths = [n] * batch if valid_lengths is None else [int(x) for x in valid_lengths]
+        if len(lengths) != batch or not all(0 < x <= n for x in lengths):
+            raise ValueError(f"valid_lengths must hold {batch} lengths in [1, {n}], got {valid_lengths!r}")
+        return self._attend(q, k, v, lengths, dense)[0]
+
+    def _attend(self, q, k, v, lengths: list[int], dense: bool):
+        """Attention of q/k/v [B, H, N, D] over each sample's valid prefix; padded query rows like stock."""
+        batch, heads, n = q.shape[:3]
+        if len(set(lengths)) == 1:
+            groups = [(slice(None), lengths[0], batch)]
+        else:
+            groups = [(slice(b, b + 1), length, 1) for b, length in enumerate(lengths)]
+        out = None if len(groups) == 1 else q.new_empty(q.shape)
+        kept = total = 0
+        estimate_ms = attention_ms = 0.0
+        timers = []
+        for index, length, count in groups:
+            qg, kg, vg = q[index], k[index, :, :length], v[index, :, :length]
+            if dense:
+                timer = _Timer(q.device, enabled=True)
+                og = self.dense_attention(qg, kg, vg)  # all N query rows over the valid keys, as stock
+                timer.mark()
+                timers.append(timer)
+                blocks = _blocks(length, self.block_size) ** 2 * heads * count
+                kept += blocks
+                total += blocks
+            else:
+                valid, stats = self.sparse_attention(qg[:, :, :length], kg, vg)
+                kept += stats.kept_blocks
+                total += stats.total_blocks
+                estimate_ms += stats.estimate_ms
+                attention_ms += stats.attention_ms
+                if length < n:  # padded text queries: what stock's key-masked attention gives them
+                    timer = _Timer(q.device, enabled=True)
+                    padded = self.dense_attention(qg[:, :, length:], kg, vg)
+                    timer.mark()
+                    timers.append(timer)
+                    og = torch.cat([valid, padded], dim=2)
+                else:
+                    og = valid
+            if out is None:
+                out = og
+            else:
+                out[index] = og
+        mode = "dense" if dense else "sparse"
+        return out, mode, kept, total, estimate_ms, attention_ms, timers
+
+    def dense_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Dense unmasked attention, [B, H, N, D] layout: SDPA (cuDNN first on CUDA), or the diffusers attention
+        backend set on this processor with ``transformer.set_attention_backend(...)``."""
+        if self._parallel_config is not None:
+            raise NotImplementedError("XAttnProcessor does not support diffusers' context parallelism")
+        if self._attention_backend is not None:
+            from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+            out = dispatch_attention_fn(
+                *(t.permute(0, 2, 1, 3) for t in (q, k, v)), attn_mask=None, backend=self._attention_backend
+            )
+            return out.permute(0, 2, 1, 3)
+        return _dense_sdpa(q, k, v)
+
+    def sparse_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, XAttnStats]:
+        """XAttention over one valid segment, q/k/v [B, H, L, D]: :func:`xattn_attention` with this processor's
+        parameters. Benchmarks override it to substitute the block choice."""
+        return xattn_attention(
+            q,
+            k,
+            v,
+            threshold=self.threshold,
+            stride=self.stride,
+            block_size=self.block_size,
+            backend=self.backend,
+            return_stats=True,
+        )
+
+    def _stock_attention(self, query, key, value, mask):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        timer = _Timer(query.device, enabled=True)
+        out = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        timer.mark()
+        blocks = _blocks(query.shape[1], self.block_size) ** 2 * query.shape[0] * query.shape[2]
+        return out, "stock", blocks, blocks, 0.0, 0.0, [timer]
+
+    # ----------------------------------------------------------------- statistics
+
+    def _record(self, position, layer, mode, kept, total, estimate_ms, attention_ms, timers) -> None:
+        self._last_position = position
+        if position is None:
+            key = (None, None, None)
+        else:
+            key = (position.generation, position.step, layer[0] if layer else None)
+            self._timesteps[(position.generation, position.step)] = position.timestep
+        record = self._records.get(key)
+        if record is None:
+            record = self._records[key] = _Record(mode)
+        record.add(mode, kept, total, estimate_ms, attention_ms, timers)
+
+    def _layer_kind(self, index: int | None) -> str | None:
+        for i, kind in self._layers.values():
+            if i == index:
+                return kind
+        return None
+
+    @property
+    def stats(self) -> dict:
+        """What the processor did, as a JSON-ready dict.
+
+        ``generations``: a list of ``{"generation", "steps": [{"step", "timestep", "mode", "density",
+        "estimate_ms", "attention_ms", "calls", "layers": [{"layer", "block", "mode", "density", "estimate_ms",
+        "attention_ms", "calls"}]}]}``; ``mode`` is "dense" (warmup or dense layer), "sparse", or "mixed" for a
+        step with both; a step's density is kept / total blocks over its layers. ``totals`` sums everything.
+        ``untracked`` (present only when used) aggregates calls made without an attached tracker.
+        """
+        for record in self._records.values():
+            record.resolve()
+        generations: dict[int, dict[int, list]] = {}
+        untracked = None
+        for (gen, step, layer), record in sorted(self._records.items(), key=lambda kv: _sort_key(kv[0])):
+            if gen is None:
+                untracked = record
+                continue
+            generations.setdefault(gen, {}).setdefault(step, []).append((layer, record))
+        out_gens = []
+        for gen, steps in generations.items():
+            out_steps = []
+            for step, layer_records in steps.items():
+                records = [r for _, r in layer_records]
+                modes = {r.mode for r in records}
+                out_steps.append(
+                    {
+                        "step": step,
+                        "timestep": self._timesteps.get((gen, step)),
+                        "mode": modes.pop() if len(modes) == 1 else "mixed",
+                        **_summary(records),
+                        "layers": [
+                            {"layer": layer, "block": self._layer_kind(layer), "mode": r.mode, **_summary([r])}
+                            for layer, r in layer_records
+                        ],
+                    }
+                )
+            out_gens.append({"generation": gen, "steps": out_steps})
+        result = {
+            "processor": "XAttnProcessor",
+            "settings": self.settings(),
+            "generations": out_gens,
+            "totals": _summary(list(self._records.values())),
+        }
+        if untracked is not None:
+            result["untracked"] = {"mode": untracked.mode, **_summary([untracked])}
+        return result
+
+    def save_stats(self, path: str | os.PathLike) -> str:
+        """Write :attr:`stats` as JSON to ``path`` (through a temporary file renamed over it); returns the path."""
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        data = self.stats
+        fd, tmp = tempfile.mkstemp(prefix=".xattn_stats.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    def reset_stats(self) -> None:
+        """Forget the statistics (the step tracker keeps counting; reset it with ``proc.tracker.reset()``)."""
+        self._records.clear()
+        self._timesteps.clear()
+
+    def _on_forward_end(self, position: StepPosition) -> None:
+        if self._last_position is not position or not logger.isEnabledFor(logging.DEBUG):
+            return  # this processor did not run in that forward, or nobody listens
+        layer_records = sorted(
+            ((key[2], r) for key, r in self._records.items() if key[:2] == (position.generation, position.step)),
+            key=lambda lr: -1 if lr[0] is None else lr[0],
+        )
+        if not layer_records:
+            return
+        for _, r in layer_records:
+            r.resolve()
+        records = [r for _, r in layer_records]
+        summary = _summary(records)
+        modes = sorted({r.mode for r in records})
+        logger.debug(
+            "xattn generation %d step %d (timestep %.1f, forward %d): %s, density %.3f over %d layers, "
+            "estimate %.2f ms, attention %.2f ms; per layer: %s",
+            position.generation,
+            position.step,
+            position.timestep,
+            position.forward,
+            "/".join(modes),
+            summary["density"],
+            len(records),
+            summary["estimate_ms"],
+            summary["attention_ms"],
+            " ".join(f"{layer}:{r.density:.2f}" for layer, r in layer_records),
+        )
+
+
+def _sort_key(key: tuple) -> tuple:
+    return tuple(-1 if x is None else x for x in key)
+
+
+def _summary(records: list[_Record]) -> dict:
+    kept = sum(r.kept for r in records)
+    total = sum(r.total for r in records)
+    return {
+        "density": kept / total if total else 1.0,
+        "kept_blocks": kept,
+        "total_blocks": total,
+        "estimate_ms": sum(r.estimate_ms for r in records),
+        "attention_ms": sum(r.attention_ms for r in records),
+        "calls": sum(r.calls for r in records),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- stock parts
+
+
+def _joint_layers(transformer) -> list[tuple[torch.nn.Module, str]]:
+    """HunyuanVideo's joint attention modules in forward order: (attn, "double") then (attn, "single")."""
+    double = getattr(transformer, "transformer_blocks", None)
+    single = getattr(transformer, "single_transformer_blocks", None)
+    if not isinstance(double, torch.nn.ModuleList) or not isinstance(single, torch.nn.ModuleList):
+        raise TypeError(
+            f"attach/enable expect a HunyuanVideo transformer (with transformer_blocks and "
+            f"single_transformer_blocks), got {type(transformer).__name__}"
+        )
+    layers = [(block.attn, "double") for block in double] + [(block.attn, "single") for block in single]
+    if not layers:
+        raise ValueError(f"{type(transformer).__name__} has no joint attention layers")
+    return layers
+
+
+def _prefix_lengths(mask: torch.Tensor, batch: int, n: int):
+    """Per-sample valid lengths of a boolean key-padding mask [B, 1, 1, N] / [B, N] that is True on a prefix."""
+    if mask.dtype != torch.bool or mask.numel() != batch * n:
+        return False
+    flat = mask.reshape(batch, n)
+    lengths = flat.sum(dim=1)
+    expected = torch.arange(n, device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
+    if not bool(torch.equal(flat, expected)):
+        return False
+    lengths = [int(x) for x in lengths.tolist()]
+    if min(lengths) == 0:
+        return False
+    return lengths
+
+
+def _project(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+    """Steps 1-4 of diffusers' HunyuanVideoAttnProcessor2_0 (0.42): query/key/value [B, N, H, D], video first."""
+    if attn.add_q_proj is None and encoder_hidden_states is not None:
+        hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+
+    # 1. QKV projections
+    query = attn.to_q(hidden_states)
+    key = attn.to_k(hidden_states)
+    value = attn.to_v(hidden_states)
+
+    query = query.unflatten(2, (attn.heads, -1))
+    key = key.unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+
+    # 2. QK normalization
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+
+    # 3. Rotary positional embeddings on the video tokens only
+    if image_rotary_emb is not None:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if attn.add_q_proj is None and encoder_hidden_states is not None:
+            n_text = encoder_hidden_states.shape[1]
+            query = torch.cat(
+                [apply_rotary_emb(query[:, :-n_text], image_rotary_emb, sequence_dim=1), query[:, -n_text:]], dim=1
+            )
+            key = torch.cat(
+                [apply_rotary_emb(key[:, :-n_text], image_rotary_emb, sequence_dim=1), key[:, -n_text:]], dim=1
+            )
+        else:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+    # 4. Text (encoder) stream projections and normalization, appended after the video tokens
+    if attn.add_q_proj is not None and encoder_hidden_states is not None:
+        encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+
+        if attn.norm_added_q is not None:
+            encoder_query = attn.norm_added_q(encoder_query)
+        if attn.norm_added_k is not None:
+            encoder_key = attn.norm_added_k(encoder_key)
+
+        query = torch.cat([query, encoder_query], dim=1)
+        key = torch.cat([key, encoder_key], dim=1)
+        value = torch.cat([value, encoder_value], dim=1)
+    return query, key, value
+
+
+def _output(attn, hidden_states, encoder_hidden_states):
+    """Step 6 of diffusers' HunyuanVideoAttnProcessor2_0: split video/text, output projections."""
+    if encoder_hidden_states is not None:
+        n_text = encoder_hidden_states.shape[1]
+        hidden_states, encoder_hidden_states = hidden_states[:, :-n_text], hidden_states[:, -n_text:]
+        if getattr(attn, "to_out", None) is not None:
+            hidden_states = attn.to_out[0](hidden_states)
+            hidden_states = attn.to_out[1](hidden_states)
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+    return hidden_states, encoder_hidden_states
+
+
+# ---------------------------------------------------------------------------------------------- enable
+
+
+def enable(pipe_or_transformer, **kwargs) -> XAttnProcessor:
+    """Put an :class:`XAttnProcessor` on a HunyuanVideo pipeline's transformer (or a transformer) and attach
+    its step tracking; ``kwargs`` are the processor's (threshold, stride, block_size, warmup_steps,
+    dense_layers, backend). Returns the processor, whose :attr:`~XAttnProcessor.stats` fill as it runs."""
+    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    if not hasattr(transformer, "set_attn_processor"):
+        raise TypeError(
+            "enable expects a HunyuanVideo pipeline or its transformer (HunyuanVideoTransformer3DModel), got "
+            f"{type(pipe_or_transformer).__name__}"
+        )
+    _joint_layers(transformer)  # fail before touching the processors
+    processor = XAttnProcessor(**kwargs)
+    transformer.set_attn_processor(processor)
+    return processor.attach(transformer)
