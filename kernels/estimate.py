@@ -19,12 +19,16 @@ Design
     ``l`` is carried along. The (N/S)^2 score matrix is never written. A small second kernel forms
     ``score[qb, kb] = sum_{i in qb} partial[i, kb] * exp2(m_used[i, tile(kb)] - m[i]) / l[i]``.
     The scratch holds (rows x key blocks) floats per (batch, head); the launcher walks (batch, head) in
-    chunks so that it stays under ``scratch_bytes`` (256 MiB by default).
+    chunks so that it stays under ``scratch_bytes`` (256 MiB by default; 252 MB for 4 heads at 119,056
+    tokens, stride 8), choosing the chunk that wastes the fewest GPU waves.
 
-    The main loop is flattened over (key tile, s) pairs (the softmax step runs on the last s of each tile) so
-    that the software pipeline runs across key tiles; ``flatten=False`` nests the s loop instead. Key tiles
-    wholly visible run without masks; the ragged last key tile and the causal tiles that cross the diagonal
-    run in a separate masked tail loop. Causal programs stop at the diagonal.
+    Grid ``(row tiles, heads of the chunk)``: the row tiles of one head run together and share its K in L2;
+    causal grids launch the longest (last) row tiles first. The main loop is flattened over (key tile, s)
+    pairs (the softmax step runs on the last s of each tile) so that the software pipeline runs across key
+    tiles; ``flatten=False`` nests the s loop instead. ``use_tma=True`` (Hopper) feeds the mask-free tiles
+    through TMA descriptors that view q/k as [B, H, S, N // S, D]: slot s of strided rows [m0, m0 + BLOCK_M)
+    is one box. Key tiles wholly visible run without masks; the ragged last key tile and the causal tiles that
+    cross the diagonal run in a separate masked tail loop. Causal programs stop at the diagonal.
 
 Numerics
     float32 accumulation. bf16/fp16 inputs multiply on the tensor cores in their own dtype (exact products).
@@ -57,6 +61,8 @@ SCRATCH_BYTES = 256 << 20
 def _estimate_partials_kernel(
     Q,
     K,
+    Q_DESC,
+    K_DESC,
     PART,
     MUSED,
     MFIN,
@@ -87,6 +93,7 @@ def _estimate_partials_kernel(
     FLATTEN: tl.constexpr,
     PRECISION: tl.constexpr,
     BF16_VIA_F32: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     NB: tl.constexpr = BLOCK_N // R  # key blocks per key tile
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -143,7 +150,38 @@ def _estimate_partials_kernel(
         n_full = ROWS_K // BLOCK_N
         n_tiles = (ROWS_K + BLOCK_N - 1) // BLOCK_N
 
-    if FLATTEN:
+    # TMA: the descriptors view q/k as [B, H, S, N // S, D], so they cover whole strided rows only. A program
+    # whose rows include the partial last strided row of q uses pointer loads; the partial strided key row
+    # falls in the masked tail.
+    if USE_TMA:
+        tma_here = m0 + BLOCK_M <= N_Q // S
+    else:
+        tma_here: tl.constexpr = False
+    if tma_here:
+        if CAUSAL:
+            n_full = tl.minimum(N_K // S, m0 + 1) // BLOCK_N
+        else:
+            n_full = (N_K // S) // BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for it in range(0, n_full * S):
+            tile = it // S
+            s = it - tile * S
+            q = Q_DESC.load([b, h, S - 1 - s, m0, 0]).reshape(BLOCK_M, BLOCK_D)
+            k = K_DESC.load([b, hkv, s, tile * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
+            if BF16_VIA_F32:
+                q = q.to(tl.float32)
+                k = k.to(tl.float32)
+            acc = tl.dot(q, tl.trans(k), acc, input_precision=PRECISION)
+            if s == S - 1:
+                m_new = tl.maximum(m_i, tl.max(acc, 1) * qk_scale)
+                p = tl.math.exp2(acc * qk_scale - m_new[:, None])
+                psum = tl.sum(tl.reshape(p, [BLOCK_M, NB, R]), 2)
+                l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(psum, 1)
+                m_i = m_new
+                tl.store(part_ptrs0 + tile * NB, psum)
+                tl.store(mused_ptrs0 + tile, m_new)
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    elif FLATTEN:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for it in range(0, n_full * S):
             tile = it // S
@@ -261,7 +299,9 @@ def _estimate_reduce_kernel(
     KB_PER: tl.constexpr,
     CAUSAL: tl.constexpr,
 ):
+    # Rows [ROWS] x key tiles [NT] x key blocks of a tile [NB]: the max a tile used applies to its NB blocks.
     ROWS: tl.constexpr = QB_PER * R
+    NT: tl.constexpr = KB_PER // NB
     pid_q = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -269,27 +309,31 @@ def _estimate_reduce_kernel(
     b = bh // H
     h = bh % H
 
-    qbs = pid_q * QB_PER + tl.arange(0, QB_PER)
     rows = pid_q * ROWS + tl.arange(0, ROWS)
-    kbs = pid_k * KB_PER + tl.arange(0, KB_PER)
+    tiles = pid_k * NT + tl.arange(0, NT)
+    kbs = tiles[:, None] * NB + tl.arange(0, NB)[None, :]  # [NT, NB]
     row_in = rows < PART_ROWS
     row_ok = rows < ROWS_Q
-    kb_ok = kbs < N_KB
 
     prow = pid_bh.to(tl.int64) * PART_ROWS + rows
     m = tl.load(MFIN + prow, mask=row_in, other=0.0)
     row_sum = tl.load(LFIN + prow, mask=row_in, other=1.0)
     inv_l = tl.where(row_ok, 1.0 / row_sum, 0.0)
-    valid = row_ok[:, None] & kb_ok[None, :]
+    tile_ok = row_ok[:, None] & (tiles < N_NTILES)[None, :]
+    if CAUSAL:  # tiles right of a row's query block were not computed for it
+        tile_ok = tile_ok & ((tiles * NB)[None, :] <= (rows // R)[:, None])
+    m_used = tl.load(MUSED + prow[:, None] * N_NTILES + tiles[None, :], mask=tile_ok, other=0.0)
+    weight = tl.where(tile_ok, tl.math.exp2(m_used - m[:, None]) * inv_l[:, None], 0.0)  # [ROWS, NT]
+    valid = row_ok[:, None, None] & (kbs < N_KB)[None, :, :]
     if CAUSAL:
-        valid = valid & (kbs[None, :] <= (rows // R)[:, None])
-    part = tl.load(PART + prow[:, None] * PART_COLS + kbs[None, :], mask=valid, other=0.0)
-    m_used = tl.load(MUSED + prow[:, None] * N_NTILES + (kbs // NB)[None, :], mask=valid, other=0.0)
-    val = tl.where(valid, part * tl.math.exp2(m_used - m[:, None]) * inv_l[:, None], 0.0)
-    score = tl.sum(tl.reshape(val, [QB_PER, R, KB_PER]), 1)
+        valid = valid & (kbs[None, :, :] <= (rows // R)[:, None, None])
+    part = tl.load(PART + prow[:, None, None] * PART_COLS + kbs[None, :, :], mask=valid, other=0.0)
+    val = tl.where(valid, part * weight[:, :, None], 0.0)
+    score = tl.sum(tl.reshape(val, [QB_PER, R, NT, NB]), 1)  # [QB_PER, NT, NB]
+    qbs = pid_q * QB_PER + tl.arange(0, QB_PER)
     out_base = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    out_mask = (qbs < N_QB)[:, None] & kb_ok[None, :]
-    tl.store(out_base + qbs[:, None] * stride_oq + kbs[None, :], score, mask=out_mask)
+    out_mask = (qbs < N_QB)[:, None, None] & (kbs < N_KB)[None, :, :]
+    tl.store(out_base + qbs[:, None, None] * stride_oq + kbs[None, :, :], score, mask=out_mask)
 
 
 def _is_pow2(x: int) -> bool:
@@ -310,6 +354,30 @@ def default_config(head_dim: int, elem_bytes: int) -> dict[str, int]:
 def _check_tile(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not _is_pow2(value) or value < 16:
         raise ValueError(f"{name} must be a power of two >= 16, got {value!r}")
+
+
+def _descriptors(q, k, stride, block_m, block_n, block_d):
+    """TMA descriptors of q and k viewed as [B, H, S, N // S, D] (whole strided rows), or (None, None) when
+    the layout does not allow them (16-byte aligned base and strides) or there is no whole strided row."""
+    if not (q.is_cuda or _INTERPRETED):
+        return None, None
+    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return None, None
+    if max(block_m, block_n) > 256:  # TMA boxes hold at most 256 rows
+        return None, None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    descs = []
+    for t, rows in ((q, block_m), (k, block_n)):
+        batch, heads, n, dim = t.shape
+        sb, sh, sn = t.stride()[:3]
+        strides = [sb, sh, sn, stride * sn, 1]  # slot s, then strided row: unit box dims lead
+        aligned = all(x > 0 and x * t.element_size() % 16 == 0 for x in strides[:-1])
+        if n // stride < 1 or t.data_ptr() % 16 or not aligned:
+            return None, None
+        shape = [batch, heads, stride, n // stride, dim]
+        descs.append(TensorDescriptor(t, shape, strides, [1, 1, 1, rows, block_d]))
+    return tuple(descs)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -349,6 +417,7 @@ def block_scores_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     flatten: bool = True,
+    use_tma: bool = False,
     input_precision: str | None = None,
     scratch_bytes: int = SCRATCH_BYTES,
     reduce_rows: int = 64,
@@ -364,7 +433,10 @@ def block_scores_triton(
     Tuning knobs (defaults from :func:`default_config`): ``block_m``/``block_n`` (strided rows/keys per
     tile, powers of two >= 16; ``block_n`` is raised to ``block_size // stride`` when smaller),
     ``num_warps``, ``num_stages`` (lowered by one, and remembered, when a configuration does not fit in
-    shared memory), ``flatten`` (one pipelined loop over (key tile, s) pairs, or nested loops),
+    shared memory), ``flatten`` (one pipelined loop over (key tile, s) pairs, or nested loops), ``use_tma``
+    (Hopper: the mask-free tiles load q/k through TMA descriptors that view them as [B, H, S, N // S, D];
+    always a flattened loop; falls back to pointer loads before Hopper, for tiles over 256 rows, and where
+    the base or strides are not 16-byte aligned),
     ``input_precision`` for float32 inputs ("tf32" default, "tf32x3", "ieee"), ``scratch_bytes`` (bound on
     the partial-sum scratch; (batch, head) pairs run in chunks under it), and the reduction kernel's tile
     (``reduce_rows`` strided rows, at least one query block, x ``reduce_cols`` key blocks) and warps.
@@ -416,6 +488,8 @@ def block_scores_triton(
     max_chunk = max(1, min(batch * heads, scratch_bytes // (4 * per_bh)))
     chunk = _pick_chunk(batch * heads, max_chunk, n_mtiles, _sm_count(q.device))
     scratch = torch.empty(chunk * per_bh, dtype=torch.float32, device=q.device)
+    if _INTERPRETED:  # tests: a read of a scratch place the kernel never wrote shows up as NaN
+        scratch.fill_(float("nan"))
     part = scratch[: chunk * part_rows * part_cols]
     mused = scratch[part.numel() : part.numel() + chunk * part_rows * n_ntiles]
     mfin = scratch[part.numel() + mused.numel() :][: chunk * part_rows]
@@ -429,20 +503,23 @@ def block_scores_triton(
     qk_scale = scale / stride * LOG2E
 
     qb_per = max(1, reduce_rows // rows_per_block)
+    # whole key tiles, and at most 4096 elements a program
+    kb_per = max(block_n // rows_per_block, min(reduce_cols, 4096 // (qb_per * rows_per_block)))
+    q_desc, k_desc = _descriptors(q, k, stride, block_m, block_n, block_d) if use_tma else (None, None)
     key = (q.device, q.dtype, dim, stride, rows_per_block, block_m, block_n, num_warps, num_stages, causal)
-    key += (flatten,)
+    key += (flatten, q_desc is not None)
     for bh0 in range(0, batch * heads, chunk):
         n_bh = min(chunk, batch * heads - bh0)
         stages = _STAGES_THAT_FIT.get(key, num_stages)
         while True:
             try:
                 _estimate_partials_kernel[(n_mtiles, n_bh)](
-                    q, k, part, mused, mfin, lfin,
+                    q, k, q_desc, k_desc, part, mused, mfin, lfin,
                     *q.stride()[:3], *k.stride()[:3],
                     bh0, heads, heads // kv_heads, n_q, n_k, rows_k, part_rows, part_cols, n_ntiles, qk_scale,
                     S=stride, R=rows_per_block, HEAD_DIM=dim, BLOCK_D=block_d,
                     BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, FLATTEN=flatten, PRECISION=precision,
-                    BF16_VIA_F32=via_f32,
+                    BF16_VIA_F32=via_f32, USE_TMA=q_desc is not None,
                     num_warps=num_warps, num_stages=stages,
                 )  # fmt: skip
                 break
@@ -451,11 +528,11 @@ def block_scores_triton(
                     raise
                 stages -= 1
                 _STAGES_THAT_FIT[key] = stages
-        grid = (triton.cdiv(n_qb, qb_per), triton.cdiv(n_kb, reduce_cols), n_bh)
+        grid = (triton.cdiv(n_qb, qb_per), triton.cdiv(n_kb, kb_per), n_bh)
         _estimate_reduce_kernel[grid](
             part, mused, mfin, lfin, scores, *scores.stride()[:3],
             bh0, heads, n_qb, n_kb, rows_q, part_rows, part_cols, n_ntiles,
-            R=rows_per_block, NB=block_n // rows_per_block, QB_PER=qb_per, KB_PER=reduce_cols, CAUSAL=causal,
+            R=rows_per_block, NB=block_n // rows_per_block, QB_PER=qb_per, KB_PER=kb_per, CAUSAL=causal,
             num_warps=reduce_warps,
         )  # fmt: skip
     return scores
