@@ -9,7 +9,6 @@ defaults live in the kernels' launchers; this script is how they were chosen.
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import sys
 
@@ -18,6 +17,7 @@ import torch
 from bench.attention import SIZES, bench_ms, random_selection, rel_err, tflops
 from xattn_video.kernels.block_sparse_attention import block_sparse_attention_triton
 from xattn_video.kernels.estimate import block_scores_triton
+from xattn_video.kernels.select import select_blocks_triton
 from xattn_video.synthetic import video_like_qkv
 
 
@@ -29,14 +29,11 @@ def tune_attention(q, k, v, heads, dim, repeats):
     ref = block_sparse_attention_triton(q, k, v, sel.kv_count, sel.kv_indices, block_size=128, causal=False)
     grid = [
         dict(),
+        dict(num_stages=4),
         dict(num_stages=2),
-        dict(num_stages=4, block_n=64),
-        dict(block_n=64),
-        dict(block_n=64, num_warps=4),
-        dict(use_tma=True),
-        dict(use_tma=True, block_n=64),
-        dict(schedule="natural"),
-        dict(block_m=64, num_warps=4),
+        dict(block_n=128),
+        dict(use_tma=False),
+        dict(schedule="heavy_first"),
     ]
     for cfg in grid:
         try:
@@ -53,11 +50,18 @@ def tune_attention(q, k, v, heads, dim, repeats):
 
 def tune_estimate(q, k, stride, repeats):
     ref = block_scores_triton(q, k, stride=stride, block_size=128, causal=False)
-    grid = [dict()] + [
-        dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, flatten=fl)
-        for bm, bn, w, st, fl in itertools.product((128, 256), (64, 128), (8,), (2, 3), (True, False))
-    ] + [dict(block_m=64, block_n=128, num_warps=4, num_stages=3), dict(block_m=128, block_n=256, num_warps=8,
-                                                                          num_stages=2)]
+    mib = 1 << 20
+    grid = [
+        dict(),
+        dict(use_tma=True),
+        dict(use_tma=True, scratch_bytes=600 * mib),
+        dict(use_tma=True, num_warps=4),
+        dict(use_tma=True, block_n=256, num_stages=2),
+        dict(use_tma=True, block_m=256, num_stages=2),
+        dict(use_tma=True, block_m=64, num_warps=4, num_stages=4),
+        dict(use_tma=True, num_stages=2),
+        dict(scratch_bytes=600 * mib),
+    ]
     for cfg in grid:
         try:
             out = block_scores_triton(q, k, stride=stride, block_size=128, causal=False, **cfg)
@@ -70,6 +74,10 @@ def tune_estimate(q, k, stride, repeats):
                   flush=True)
         except Exception as e:
             print(f"estimate {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+    for threshold in (0.9, 0.95):
+        ms = bench_ms(lambda threshold=threshold: select_blocks_triton(ref, threshold=threshold, causal=False),
+                      repeats)
+        print(f"selection t={threshold}: {ms:.2f} ms", flush=True)
 
 
 def main(argv=None) -> int:

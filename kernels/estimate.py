@@ -25,7 +25,7 @@ Design
     Grid ``(row tiles, heads of the chunk)``: the row tiles of one head run together and share its K in L2;
     causal grids launch the longest (last) row tiles first. The main loop is flattened over (key tile, s)
     pairs (the softmax step runs on the last s of each tile) so that the software pipeline runs across key
-    tiles; ``flatten=False`` nests the s loop instead. ``use_tma=True`` (Hopper) feeds the mask-free tiles
+    tiles; ``flatten=False`` nests the s loop instead. ``use_tma`` (default on Hopper, 16-bit) feeds the mask-free tiles
     through TMA descriptors that view q/k as [B, H, S, N // S, D]: slot s of strided rows [m0, m0 + BLOCK_M)
     is one box. Key tiles wholly visible run without masks; the ragged last key tile and the causal tiles that
     cross the diagonal run in a separate masked tail loop. Causal programs stop at the diagonal.
@@ -417,7 +417,7 @@ def block_scores_triton(
     num_warps: int | None = None,
     num_stages: int | None = None,
     flatten: bool = True,
-    use_tma: bool = False,
+    use_tma: bool | None = None,
     input_precision: str | None = None,
     scratch_bytes: int = SCRATCH_BYTES,
     reduce_rows: int = 64,
@@ -434,7 +434,8 @@ def block_scores_triton(
     tile, powers of two >= 16; ``block_n`` is raised to ``block_size // stride`` when smaller),
     ``num_warps``, ``num_stages`` (lowered by one, and remembered, when a configuration does not fit in
     shared memory), ``flatten`` (one pipelined loop over (key tile, s) pairs, or nested loops), ``use_tma``
-    (Hopper: the mask-free tiles load q/k through TMA descriptors that view them as [B, H, S, N // S, D];
+    (None: on for 16-bit inputs on Hopper and later, where it measured 26.1 -> 24.2 ms at 119,056 tokens on an
+    H100; the mask-free tiles load q/k through TMA descriptors that view them as [B, H, S, N // S, D];
     always a flattened loop; falls back to pointer loads before Hopper, for tiles over 256 rows, and where
     the base or strides are not 16-byte aligned),
     ``input_precision`` for float32 inputs ("tf32" default, "tf32x3", "ieee"), ``scratch_bytes`` (bound on
@@ -505,6 +506,8 @@ def block_scores_triton(
     qb_per = max(1, reduce_rows // rows_per_block)
     # whole key tiles, and at most 4096 elements a program
     kb_per = max(block_n // rows_per_block, min(reduce_cols, 4096 // (qb_per * rows_per_block)))
+    if use_tma is None:
+        use_tma = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9 and q.element_size() == 2
     q_desc, k_desc = _descriptors(q, k, stride, block_m, block_n, block_d) if use_tma else (None, None)
     key = (q.device, q.dtype, dim, stride, rows_per_block, block_m, block_n, num_warps, num_stages, causal)
     key += (flatten, q_desc is not None)
