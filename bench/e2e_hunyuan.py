@@ -599,8 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(rows))
     print(
         "\nfixed-density rows: the block choice is replaced by random blocks at that density, the estimate still "
-        "runs (random weights do not give a real model's sparsity). step: median transformer forward; attention: estimate + attention "
-        "kernels over all 60 joint layers.",
+        "runs (random weights do not give a real model's sparsity). step: median transformer forward; "
+        "attention: estimate + attention kernels over all 60 joint layers.",
         flush=True,
     )
     path = args.json or (os.path.join(os.environ["OUT"], "e2e_hunyuan.json") if os.environ.get("OUT") else None)
