@@ -1,0 +1,872 @@
+"""Batch video generation from a YAML config: many prompts and seeds, dense and XAttention side by side.
+
+With no config the embedded default runs: a tiny random HunyuanVideo pipeline on the CPU, a dense and an
+XAttention variant. Overrides are OmegaConf dot-lists, e.g.
+  xattn-video generate configs/hunyuan_544x960.yaml attention.threshold=0.95 seeds=[0,1]
+  xattn-video generate prompts.vbench_file=samples/vbench_prompts_sample.txt seeds=[0,1,2,3,4]
+  torchrun --nproc-per-node 8 -m xattn_video generate configs/hunyuan_720x1280.yaml
+
+Config keys (each has a default; --print-config shows the resolved config, configs/tiny.yaml documents it):
+  model      id (diffusers repo id | local folder | tiny), revision, dtype, transformer_dtype, device,
+             cpu_offload, vae_tiling
+  video      height, width, frames (4k+1), fps, steps, guidance_scale, true_cfg_scale, negative_prompt,
+             max_sequence_length
+  prompts    list | file (one a line) | vbench_file (names videos {prompt}-{index}.mp4 for VBench)
+  seeds, videos_per_prompt
+  attention  threshold, stride, block_size, warmup_steps, dense_layers, backend: shared by xattn variants;
+             select: the variants to run; variants: {name: {mode: dense|xattn|stock, <shared keys>}}
+  output     root, naming (str.format over prompt, slug, prompt_index, seed, k, index), keep_latents, crf
+  progress   auto | true | false
+
+Output (one folder per attention variant; the variant folders hold only mp4 files, so VBench reads them
+as they are):
+  <output.root>/<variant>/<name>.mp4
+  <output.root>/meta/<variant>/<name>.json         sidecar: prompt, seed, config, density, times, memory
+  <output.root>/meta/<variant>/<name>.latents.pt   with output.keep_latents=true
+  <output.root>/manifest.jsonl                      one line per video made or failed, every run
+  <output.root>/config.yaml                         the last run's resolved config
+
+Rerunning a config skips the videos already finished (mp4 and sidecar present, same settings); files are
+written under a temporary name and renamed, so a killed run leaves no truncated mp4. A video that fails is
+reported and the run goes on (exit status 1 at the end). Under `torchrun` or `accelerate launch` every
+process takes its own share of the videos (RANK / WORLD_SIZE), one GPU each (LOCAL_RANK).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import socket
+import sys
+import time
+import traceback
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .generate_config import (
+    MAX_NAME_BYTES,
+    ConfigError,
+    GenerateConfig,
+    ModelConfig,
+    Variant,
+    load_config,
+    to_yaml,
+)
+
+HELP = "batch video generation from a YAML config (dense and XAttention variants side by side)"
+SIDECAR_SCHEMA = 1
+VERSION_PACKAGES = ("xattn-video", "torch", "diffusers", "transformers", "accelerate", "triton", "imageio",
+                    "imageio-ffmpeg", "omegaconf", "numpy")
+
+
+# ------------------------------------------------------------------------------------------------- prompts
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[str]:
+    """A prompt file: one prompt a line; blank lines and lines starting with ``#`` are skipped."""
+    lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def read_vbench_prompts(path: str | os.PathLike) -> list[str]:
+    """VBench prompts in order, stripped as VBench strips them: a .txt (one a line, as VBench's prompts/*.txt)
+    or VBench_full_info.json (a list of {"prompt_en": ...}). Repeats are dropped: VBench names videos by
+    prompt, so a repeated prompt would be the same files."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, list) or not all(isinstance(d, dict) and "prompt_en" in d for d in data):
+            raise ConfigError(f"prompts.vbench_file = {str(path)!r} is not allowed: a VBench json is a list of "
+                              '{"prompt_en": ...} entries')
+        prompts = [str(d["prompt_en"]).strip() for d in data]
+    else:
+        prompts = read_prompt_file(path)  # VBench's own files hold no blank or "#" lines
+    return list(dict.fromkeys(prompts))
+
+
+def resolve_prompts(cfg: GenerateConfig) -> list[str]:
+    """The run's prompts from the one source in use: vbench_file, else file, else the inline list."""
+    if cfg.prompts.vbench_file is not None:
+        prompts, key = read_vbench_prompts(cfg.prompts.vbench_file), "prompts.vbench_file"
+    elif cfg.prompts.file is not None:
+        prompts, key = read_prompt_file(cfg.prompts.file), "prompts.file"
+    else:
+        prompts, key = list(cfg.prompts.list), "prompts.list"
+    if not prompts:
+        value = cfg.prompts.vbench_file or cfg.prompts.file or []
+        raise ConfigError(f"{key} = {value!r} is not allowed: it holds no prompt")
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class VideoJob:
+    """One video to make: a prompt, a seed, the k-th video of that seed, under one attention variant.
+
+    index: the video's number among its prompt's videos (seed position x videos_per_prompt + k), VBench's
+    ``{prompt}-{index}``. key: a fingerprint of every setting that shapes the file; resume skips a video only
+    when its sidecar carries the same key.
+    """
+
+    variant: Variant
+    prompt_index: int
+    prompt: str
+    seed: int
+    k: int
+    index: int
+    name: str
+    key: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant.name}/{self.name}"
+
+
+def slugify(text: str, max_len: int = 48) -> str:
+    """A short file-name-safe form of a prompt: lower case, runs of other characters become one dash."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].strip("-")
+    return slug or "prompt"
+
+
+def _fingerprint(cfg: GenerateConfig, variant: Variant, prompt: str, seed: int, k: int) -> str:
+    shape = {
+        "model": {k_: getattr(cfg.model, k_) for k_ in ("id", "revision", "dtype", "transformer_dtype")},
+        "video": cfg.video.__dict__,
+        "attention": variant.settings(),
+        "prompt": prompt,
+        "seed": seed,
+        "k": k,
+        "videos_per_prompt": cfg.videos_per_prompt,
+        "crf": cfg.output.crf,
+    }
+    return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def plan_jobs(cfg: GenerateConfig, prompts: Sequence[str]) -> list[VideoJob]:
+    """Every video of the run in a fixed order (prompt, seed, k, variant), so that every process computes
+    the same list, and the dense and XAttention versions of one video come out close together.
+
+    Raises ConfigError when two videos of a variant would get the same file name, or a name is unusable.
+    """
+    jobs: list[VideoJob] = []
+    seen: dict[tuple[str, str], VideoJob] = {}
+    key_path = "prompts.vbench_file" if cfg.vbench else "output.naming"
+    for p_idx, prompt in enumerate(prompts):
+        for s_pos, seed in enumerate(cfg.seeds):
+            for k in range(cfg.videos_per_prompt):
+                index = s_pos * cfg.videos_per_prompt + k
+                name = cfg.output.naming.format(
+                    prompt=prompt, slug=slugify(prompt), prompt_index=p_idx, seed=seed, k=k, index=index
+                )
+                if "/" in name or "\0" in name or name.startswith(".") or not name.strip():
+                    raise ConfigError(f"{key_path}: prompt {p_idx} ({prompt!r}) gives the file name {name!r}, which "
+                                      "is not allowed: no '/' and no leading '.'")
+                if len(name.encode()) > MAX_NAME_BYTES:
+                    raise ConfigError(f"{key_path}: prompt {p_idx} gives a file name of {len(name.encode())} bytes; "
+                                      f"at most {MAX_NAME_BYTES} are allowed (use {{slug}} instead of {{prompt}})")
+                for variant in cfg.variants:
+                    job = VideoJob(variant, p_idx, prompt, seed, k, index, name,
+                                   _fingerprint(cfg, variant, prompt, seed, k))
+                    twin = seen.get((variant.name, name))
+                    if twin is not None:
+                        raise ConfigError(
+                            f"{key_path} = {cfg.output.naming!r} is not allowed: it names two videos {name!r} "
+                            f"(prompt {twin.prompt_index} seed {twin.seed} k {twin.k} and prompt {p_idx} seed {seed} "
+                            f"k {k}); use fields that tell them apart: {{prompt_index}}, {{seed}}, {{k}} or {{index}}"
+                        )
+                    seen[(variant.name, name)] = job
+                    jobs.append(job)
+    return jobs
+
+
+def shard(jobs: Sequence[VideoJob], rank: int, world_size: int) -> list[VideoJob]:
+    """This process's share: every world_size-th job from its rank. The shares are disjoint and together
+    hold every job, whatever the job count."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    return list(jobs[rank::world_size])
+
+
+def dist_env(rank: int | None = None, world_size: int | None = None) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the arguments, else from torchrun / accelerate's environment."""
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    r = rank if rank is not None else int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(r if world_size is not None else 0)))
+    if world < 1 or not 0 <= r < world:
+        raise ConfigError(f"rank {r} of world size {world} is not allowed: need 0 <= rank < world_size")
+    return r, world, local
+
+
+# -------------------------------------------------------------------------------------------------- layout
+
+
+class Layout:
+    """Where a run's files live under output.root (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.partial = self.root / ".partial"
+        self.manifest = self.root / "manifest.jsonl"
+        self.config = self.root / "config.yaml"
+
+    def video(self, job: VideoJob) -> Path:
+        return self.root / job.variant.name / f"{job.name}.mp4"
+
+    def sidecar(self, job: VideoJob) -> Path:
+        return self.root / "meta" / job.variant.name / f"{job.name}.json"
+
+    def latents(self, job: VideoJob) -> Path:
+        return self.root / "meta" / job.variant.name / f"{job.name}.latents.pt"
+
+    def rel(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
+
+
+def read_sidecar(path: Path) -> dict | None:
+    """The sidecar's content, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def job_state(job: VideoJob, layout: Layout, keep_latents: bool) -> str:
+    """'done' (files there, same settings), 'stale' (made with other settings) or 'todo'."""
+    sidecar = read_sidecar(layout.sidecar(job))
+    if sidecar is None or not layout.video(job).is_file():
+        return "todo"
+    if sidecar.get("key") != job.key:
+        return "stale"
+    if keep_latents and not layout.latents(job).is_file():
+        return "todo"
+    return "done"
+
+
+def append_manifest(path: Path, record: dict) -> None:
+    """Append one JSON line with a single O_APPEND write, so that concurrent processes never interleave."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------- model
+
+
+def resolve_device(spec: str, local_rank: int, cpu_offload: bool) -> str:
+    """The torch device of this process: auto is cuda:LOCAL_RANK with CUDA, else cpu."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if spec == "auto":
+        device = f"cuda:{local_rank % max(torch.cuda.device_count(), 1)}" if cuda else "cpu"
+    elif spec == "cuda":
+        device = f"cuda:{local_rank % max(torch.cuda.device_count(), 1)}" if cuda else "cuda"
+    else:
+        device = spec
+    if device.startswith("cuda") and not cuda:
+        raise ConfigError(f"model.device = {spec!r} is not allowed: no CUDA device is visible")
+    if cpu_offload and not device.startswith("cuda"):
+        raise ConfigError(f"model.cpu_offload = True is not allowed: it needs CUDA, and the device is {device}")
+    return device
+
+
+def load_pipeline(model: ModelConfig, device: str) -> Any:
+    """Load the HunyuanVideo pipeline (or build the tiny one) and apply the memory options."""
+    import torch
+
+    dtype = getattr(torch, model.dtype)
+    transformer_dtype = getattr(torch, model.transformer_dtype or model.dtype)
+    if model.id == "tiny":
+        from xattn_video.tiny import build_tiny_hunyuan_pipeline
+
+        pipe = build_tiny_hunyuan_pipeline(seed=0, dtype=dtype)
+        if transformer_dtype != dtype:
+            pipe.transformer.to(transformer_dtype)
+    else:
+        from diffusers import HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+
+        extra = {}
+        if transformer_dtype != dtype:
+            extra["transformer"] = HunyuanVideoTransformer3DModel.from_pretrained(
+                model.id, subfolder="transformer", torch_dtype=transformer_dtype, revision=model.revision
+            )
+        pipe = HunyuanVideoPipeline.from_pretrained(model.id, torch_dtype=dtype, revision=model.revision, **extra)
+    if model.vae_tiling:
+        pipe.vae.enable_tiling()
+    if model.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe
+
+
+_STOCK_PROCESSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def apply_variant(pipe: Any, variant: Variant, steps: int, previous: Any = None) -> Any:
+    """Put the variant's attention processors on the transformer; return the XAttnProcessor (None for
+    ``stock``). ``previous``, the processor of the last variant, stops listening to the step tracker.
+
+    ``dense``: the project's processor with every step dense, i.e. unmasked attention over the valid tokens,
+    the fastest dense baseline (DESIGN.md), with the same statistics as the sparse variants.
+    ``stock``: the processors the pipeline came with (diffusers' masked attention), restored exactly.
+    """
+    import xattn_video
+
+    transformer = pipe.transformer
+    if transformer not in _STOCK_PROCESSORS:
+        _STOCK_PROCESSORS[transformer] = dict(transformer.attn_processors)
+    if previous is not None:
+        previous.detach()
+    if variant.mode == "stock":
+        transformer.set_attn_processor(dict(_STOCK_PROCESSORS[transformer]))
+        return None
+    if variant.mode == "dense":
+        return xattn_video.enable(pipe, threshold=1.0, warmup_steps=steps)
+    return xattn_video.enable(
+        pipe,
+        threshold=variant.threshold,
+        stride=variant.stride,
+        block_size=variant.block_size,
+        warmup_steps=variant.warmup_steps,
+        dense_layers=tuple(variant.dense_layers),
+        backend=variant.backend,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- one video
+
+
+class StepClock:
+    """Wall time of each denoising step, of the text encoding before the first and the decoding after the last.
+
+    A forward pre-hook on the transformer marks a step's start (its first transformer call: true CFG makes
+    two), the pipeline's step-end callback marks its end. On CUDA both synchronise so the times are real.
+    The last step's latents are kept for ``output.keep_latents``.
+    """
+
+    def __init__(self, pipe: Any, device: str):
+        import torch
+
+        self._sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+        self._handle = pipe.transformer.register_forward_pre_hook(self._pre)
+        self.start = time.perf_counter()
+        self.first_step_start: float | None = None
+        self.last_step_end: float | None = None
+        self._step_start: float | None = None
+        self.steps: list[float] = []
+        self.latents = None
+
+    def _pre(self, module: Any, args: Any) -> None:
+        if self._step_start is None:
+            self._sync()
+            self._step_start = time.perf_counter()
+            if self.first_step_start is None:
+                self.first_step_start = self._step_start
+
+    def on_step_end(self, pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+        self._sync()
+        now = time.perf_counter()
+        self.steps.append(now - (self._step_start or now))
+        self._step_start = None
+        self.last_step_end = now
+        self.latents = kwargs.get("latents")
+        return {}
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def initial_latents(pipe: Any, cfg: GenerateConfig, seed: int, k: int) -> Any:
+    """The starting noise of video k of a seed: the k-th of videos_per_prompt noise tensors drawn on the CPU
+    from ``seed``; the same as a pipeline call with num_videos_per_prompt and a CPU generator, on any device."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    v = cfg.video
+    shape = (
+        cfg.videos_per_prompt,
+        pipe.transformer.config.in_channels,
+        (v.frames - 1) // pipe.vae_scale_factor_temporal + 1,
+        v.height // pipe.vae_scale_factor_spatial,
+        v.width // pipe.vae_scale_factor_spatial,
+    )
+    noise = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+    return noise[k : k + 1].clone()
+
+
+def _memory_reset(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: str) -> dict:
+    """Peak memory of the last video on the GPU (allocated and reserved by torch) and of the process on the
+    host (resident set size since it started: Linux reports no per-interval peak)."""
+    import torch
+
+    out: dict[str, Any] = {"host_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.startswith("cuda"):
+        out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    return out
+
+
+def attention_summary(proc: Any) -> dict | None:
+    """The processor's statistics of one video, per denoising step (None for the stock processor).
+
+    Per step: mode (dense / sparse / mixed), block density over all layers, estimate and attention times
+    (ms, summed over layers); per step and layer: density. ``density`` is over every step and layer;
+    ``sparse_density`` over the steps that ran sparse (what the XAttention threshold buys).
+    """
+    if proc is None:
+        return None
+    stats = proc.stats
+    steps = [step for generation in stats.get("generations", []) for step in generation["steps"]]
+    sparse = [s for s in steps if s["mode"] != "dense"]
+    kept, total = sum(s["kept_blocks"] for s in sparse), sum(s["total_blocks"] for s in sparse)
+    return {
+        "settings": stats.get("settings"),
+        "density": stats["totals"]["density"] if steps else None,
+        "sparse_density": kept / total if total else None,
+        "mode_per_step": [s["mode"] for s in steps],
+        "density_per_step": [s["density"] for s in steps],
+        "estimate_ms_per_step": [s["estimate_ms"] for s in steps],
+        "attention_ms_per_step": [s["attention_ms"] for s in steps],
+        "density_per_layer": [[round(layer["density"], 5) for layer in s["layers"]] for s in steps],
+        "totals": stats.get("totals"),
+    }
+
+
+@dataclass
+class Generated:
+    """What one pipeline call produced, with its measurements."""
+
+    frames: Any
+    latents: Any
+    timing: dict
+    attention: dict | None
+    memory: dict
+
+
+def generate_video(pipe: Any, proc: Any, job: VideoJob, cfg: GenerateConfig, device: str) -> Generated:
+    """Run the pipeline for one job and measure it (frames as float [T, H, W, 3] in [0, 1])."""
+
+    v = cfg.video
+    if proc is not None:
+        proc.reset_stats()
+    _memory_reset(device)
+    clock = StepClock(pipe, device)
+    try:
+        # the pipeline runs under no_grad itself; not inference_mode, whose tensors have no version counter
+        # (the step tracker of xattn_video.steps reads it)
+        out = pipe(
+            prompt=job.prompt,
+            negative_prompt=v.negative_prompt,
+            height=v.height,
+            width=v.width,
+            num_frames=v.frames,
+            num_inference_steps=v.steps,
+            guidance_scale=v.guidance_scale,
+            true_cfg_scale=v.true_cfg_scale,
+            latents=initial_latents(pipe, cfg, job.seed, job.k),
+            max_sequence_length=v.max_sequence_length,
+            output_type="np",
+            callback_on_step_end=clock.on_step_end,
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
+        clock._sync()
+        end = time.perf_counter()
+    finally:
+        clock.close()
+    first = clock.first_step_start or clock.start
+    last = clock.last_step_end or end
+    timing = {
+        "total_s": end - clock.start,
+        "text_encode_s": first - clock.start,
+        "denoise_s": last - first,
+        "decode_s": end - last,
+        "step_s": clock.steps,
+        "mean_step_s": sum(clock.steps) / len(clock.steps) if clock.steps else None,
+    }
+    latents = clock.latents.detach().float().cpu() if clock.latents is not None else None
+    return Generated(out.frames[0], latents, timing, attention_summary(proc), peak_memory(device))
+
+
+# ------------------------------------------------------------------------------------------------ sidecars
+
+
+def package_versions() -> dict:
+    """Versions of Python, the packages that shape the result, CUDA and the GPU."""
+    from importlib import metadata
+
+    out: dict[str, Any] = {"python": platform.python_version()}
+    for name in VERSION_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    try:
+        import torch
+
+        out["cuda"] = torch.version.cuda
+        out["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    except Exception:  # a broken CUDA set-up must not stop the sidecar
+        out["gpu"] = None
+    return out
+
+
+def build_sidecar(job: VideoJob, cfg: GenerateConfig, gen: Generated, layout: Layout, *, device: str,
+                  rank: int, world_size: int, versions: dict, write_s: float) -> dict:
+    """The JSON sidecar of one video: what it is, how it was made, what it cost."""
+    v = cfg.video
+    return {
+        "schema": SIDECAR_SCHEMA,
+        "key": job.key,
+        "video": layout.rel(layout.video(job)),
+        "latents": layout.rel(layout.latents(job)) if cfg.output.keep_latents else None,
+        "variant": job.variant.name,
+        "attention": job.variant.settings(),
+        "prompt": job.prompt,
+        "prompt_index": job.prompt_index,
+        "negative_prompt": v.negative_prompt,
+        "seed": job.seed,
+        "k": job.k,
+        "index": job.index,
+        "frames": v.frames,
+        "height": v.height,
+        "width": v.width,
+        "fps": v.fps,
+        "steps": v.steps,
+        "attention_stats": gen.attention,
+        "timing": {**gen.timing, "write_s": write_s},
+        "peak_memory": gen.memory,
+        "device": device,
+        "rank": rank,
+        "world_size": world_size,
+        "host": socket.gethostname(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions,
+        "config": cfg.resolved,
+    }
+
+
+def save_outputs(job: VideoJob, cfg: GenerateConfig, gen: Generated, layout: Layout, **meta: Any) -> dict:
+    """Write mp4, latents and sidecar, each atomically, the sidecar last: it marks the video finished."""
+    import torch
+
+    from xattn_video.video_io import atomic_path, write_json_atomic, write_video
+
+    t0 = time.perf_counter()
+    write_video(layout.video(job), gen.frames, cfg.video.fps, crf=cfg.output.crf, tmp_dir=layout.partial)
+    if cfg.output.keep_latents:
+        if gen.latents is None:
+            raise RuntimeError("no latents were captured to keep (the pipeline ran no step?)")
+        with atomic_path(layout.latents(job), layout.partial) as tmp:
+            torch.save(gen.latents, tmp)
+    sidecar = build_sidecar(job, cfg, gen, layout, write_s=time.perf_counter() - t0, **meta)
+    write_json_atomic(layout.sidecar(job), sidecar, tmp_dir=layout.partial)
+    return sidecar
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class VariantTally:
+    """One variant's row of the summary, over this process's share."""
+
+    variant: Variant
+    planned: int = 0
+    made: int = 0
+    skipped: int = 0
+    failed: int = 0
+    video_s: list[float] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)
+    density: list[float] = field(default_factory=list)
+    sparse_density: list[float] = field(default_factory=list)
+
+    def add(self, sidecar: dict) -> None:
+        timing = sidecar.get("timing", {})
+        if timing.get("total_s") is not None:
+            self.video_s.append(float(timing["total_s"]))
+        if timing.get("mean_step_s") is not None:
+            self.step_s.append(float(timing["mean_step_s"]))
+        attention = sidecar.get("attention_stats") or {}
+        if attention.get("density") is not None:
+            self.density.append(float(attention["density"]))
+        if attention.get("sparse_density") is not None:
+            self.sparse_density.append(float(attention["sparse_density"]))
+
+
+@dataclass
+class RunResult:
+    """What a run did in this process."""
+
+    rank: int
+    world_size: int
+    tallies: dict[str, VariantTally]
+    failures: list[tuple[str, str]]
+    made: list[str]
+    skipped: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def summary_table(result: RunResult) -> str:
+    """The end-of-run table: per variant, videos made / skipped / failed, mean time per video and per
+    denoising step, mean block density (all steps; sparse steps only) and the step speed relative to the
+    dense baseline."""
+    rows = list(result.tallies.values())
+    base = next((t for t in rows if t.variant.mode == "dense" and t.step_s), None) or next(
+        (t for t in rows if t.variant.mode == "stock" and t.step_s), None
+    )
+    base_step = _mean(base.step_s) if base else None
+
+    def fmt(x: float | None, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    header = ["variant", "mode", "planned", "made", "skipped", "failed", "s/video", "s/step", "density",
+              "sparse-step density", "speed-up"]
+    lines = [header]
+    for t in rows:
+        step = _mean(t.step_s)
+        speed = base_step / step if (base_step and step) else None
+        lines.append([t.variant.name, t.variant.mode, str(t.planned), str(t.made), str(t.skipped), str(t.failed),
+                      fmt(_mean(t.video_s), ".2f"), fmt(step, ".3f"), fmt(_mean(t.density), ".3f"),
+                      fmt(_mean(t.sparse_density), ".3f"), fmt(speed, ".2f") + ("x" if speed else "")])
+    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
+    text = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            for r in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    who = f" (rank {result.rank} of {result.world_size})" if result.world_size > 1 else ""
+    note = f"summary{who}: times and density over every finished video of this share"
+    if base:
+        note += f"; speed-up is s/step of {base.variant.name} / s/step"
+    return "\n".join([note, *text])
+
+
+# ----------------------------------------------------------------------------------------------------- run
+
+
+class Log:
+    """Progress lines that do not break progress bars; prefixed with the rank when there are several."""
+
+    def __init__(self, rank: int, world_size: int, stream: Any = None):
+        self.prefix = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
+        self.stream = stream if stream is not None else sys.stderr
+
+    def __call__(self, message: str) -> None:
+        from tqdm.auto import tqdm
+
+        for line in message.splitlines() or [""]:
+            tqdm.write(self.prefix + line, file=self.stream)
+
+
+def _show_progress(setting: str) -> bool:
+    return setting == "true" or (setting == "auto" and sys.stderr.isatty())
+
+
+def run_generate(
+    cfg: GenerateConfig,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    pipeline: Any = None,
+    log: Callable[[str], None] | None = None,
+    dry_run: bool = False,
+) -> RunResult:
+    """Make this process's share of the config's videos; return what happened.
+
+    ``pipeline`` is an already loaded pipeline (tests, notebooks); otherwise the config's model loads after
+    everything else has been checked. ``dry_run`` reports the plan and loads nothing.
+    """
+    rank, world_size, local_rank = dist_env(rank, world_size)
+    log = log or Log(rank, world_size)
+    prompts = resolve_prompts(cfg)
+    jobs = plan_jobs(cfg, prompts)
+    mine = shard(jobs, rank, world_size)
+    layout = Layout(cfg.output.root)
+    tallies = {v.name: VariantTally(v) for v in cfg.variants}
+    states = {job: job_state(job, layout, cfg.output.keep_latents) for job in mine}
+    todo = [job for job in mine if states[job] != "done"]
+    for job in mine:
+        tallies[job.variant.name].planned += 1
+    n_stale = sum(1 for s in states.values() if s == "stale")
+    log(f"{len(prompts)} prompts x {len(cfg.seeds)} seeds x {cfg.videos_per_prompt} videos x "
+        f"{len(cfg.variants)} variants = {len(jobs)} videos under {layout.root}; this process: {len(mine)}, "
+        f"{len(mine) - len(todo)} already done, {len(todo)} to make"
+        + (f" ({n_stale} made with other settings: remade)" if n_stale else ""))
+    result = RunResult(rank, world_size, tallies, [], [], [])
+    for job in mine:
+        if states[job] == "done":
+            tallies[job.variant.name].skipped += 1
+            tallies[job.variant.name].add(read_sidecar(layout.sidecar(job)) or {})
+            result.skipped.append(job.label)
+    if dry_run:
+        for job in todo:
+            log(f"  would make {job.label}.mp4  ({job.prompt!r}, seed {job.seed})")
+        return result
+    if rank == 0:
+        from xattn_video.video_io import write_text_atomic
+
+        write_text_atomic(layout.config, to_yaml(cfg), tmp_dir=layout.partial)
+    if not todo:
+        return result
+
+    device = resolve_device(cfg.model.device, local_rank, cfg.model.cpu_offload)
+    if pipeline is None:
+        log(f"loading {cfg.model.id} on {device} ...")
+        t0 = time.perf_counter()
+        pipeline = load_pipeline(cfg.model, device)
+        log(f"loaded in {time.perf_counter() - t0:.1f} s")
+    else:
+        device = str(getattr(pipeline, "_execution_device", device))
+    _make_all(pipeline, todo, cfg, layout, result, log=log, device=device)
+    return result
+
+
+def _make_all(pipe: Any, todo: list[VideoJob], cfg: GenerateConfig, layout: Layout, result: RunResult, *,
+              log: Callable[[str], None], device: str) -> None:
+    from tqdm.auto import tqdm
+
+    show = _show_progress(cfg.progress)
+    versions = package_versions()
+    step_bars = show and result.world_size == 1
+    bar = tqdm(total=len(todo), desc="videos", unit="video", disable=not show, dynamic_ncols=True,
+               position=result.rank if result.world_size > 1 else 0)
+    current: Variant | None = None
+    proc = None
+    try:
+        for n, job in enumerate(todo, 1):
+            tally = result.tallies[job.variant.name]
+            pipe.set_progress_bar_config(disable=not step_bars, leave=False, desc="steps", dynamic_ncols=True)
+            try:
+                if job.variant != current:
+                    proc = apply_variant(pipe, job.variant, cfg.video.steps, previous=proc)
+                    current = job.variant
+                gen = generate_video(pipe, proc, job, cfg, device)
+                sidecar = save_outputs(job, cfg, gen, layout, device=device, rank=result.rank,
+                                       world_size=result.world_size, versions=versions)
+            except Exception as e:  # one failed video must not stop the batch
+                error = f"{type(e).__name__}: {e}"
+                tally.failed += 1
+                trace = "" if error in {err for _, err in result.failures} else "\n" + traceback.format_exc()
+                result.failures.append((job.label, error))
+                log(f"[{n}/{len(todo)}] FAILED {job.label}: {error}{trace}")
+                append_manifest(layout.manifest, _manifest_record(job, layout, result, "failed", error=error))
+                current = None  # the processor may be half set: apply it again
+                _free_cuda(device)
+            else:
+                tally.made += 1
+                tally.add(sidecar)
+                result.made.append(job.label)
+                density = (gen.attention or {}).get("density")
+                log(f"[{n}/{len(todo)}] {job.label}.mp4  {gen.timing['total_s']:.1f} s"
+                    + (f"  density {density:.3f}" if density is not None else ""))
+                append_manifest(layout.manifest, _manifest_record(job, layout, result, "ok", sidecar=sidecar))
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def _manifest_record(job: VideoJob, layout: Layout, result: RunResult, status: str, *,
+                     sidecar: dict | None = None, error: str | None = None) -> dict:
+    record = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status": status,
+        "variant": job.variant.name,
+        "name": job.name,
+        "video": layout.rel(layout.video(job)),
+        "sidecar": layout.rel(layout.sidecar(job)),
+        "prompt": job.prompt,
+        "seed": job.seed,
+        "index": job.index,
+        "key": job.key,
+        "rank": result.rank,
+        "world_size": result.world_size,
+    }
+    if sidecar is not None:
+        record["total_s"] = sidecar["timing"]["total_s"]
+        record["density"] = (sidecar["attention_stats"] or {}).get("density")
+    if error is not None:
+        record["error"] = error
+    return record
+
+
+def _free_cuda(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+
+
+def split_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG.yaml] [key=value ...]``: a first item without '=' is the config file."""
+    items = list(items)
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``xattn-video generate``."""
+    parser.usage = "%(prog)s [-h] [--print-config] [--dry-run] [--rank N] [--world-size N] [CONFIG.yaml] " \
+                   "[key=value ...]"
+    parser.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                        help="a YAML config (default: the embedded tiny CPU run), then OmegaConf dot-list "
+                             "overrides such as attention.threshold=0.95 seeds=[0,1]")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved, validated config and exit (loads no model)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list what this process would make and exit (loads no model)")
+    parser.add_argument("--rank", type=int, default=None, metavar="N",
+                        help="this process's rank (default: $RANK, as set by torchrun / accelerate launch)")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="number of processes sharing the work (default: $WORLD_SIZE, else 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``xattn-video generate``: 0 when every video of this process's share exists, 1 when some failed."""
+    from xattn_video.cli import CommandError
+
+    config_path, overrides = split_args(args.args)
+    try:
+        cfg = load_config(config_path, overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        result = run_generate(cfg, rank=args.rank, world_size=args.world_size, dry_run=args.dry_run)
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
+    if not args.dry_run:
+        print(summary_table(result))
+    for label, error in result.failures:
+        print(f"FAILED {label}: {error}", file=sys.stderr)
+    return 0 if result.ok else 1

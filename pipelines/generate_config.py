@@ -1,0 +1,574 @@
+"""Configuration of ``xattn-video generate``: schema, embedded default, layering and validation.
+
+Everything is checked here, before any model loads, so that a typo costs a second rather than a model load.
+Every error names the key path, the bad value and what is allowed.
+
+Layers, later wins: the embedded default (:data:`DEFAULT_YAML`, the tiny CPU run), then a YAML file, then
+``key=value`` dot-list overrides. A YAML file that defines ``attention.variants`` replaces the default
+variants instead of adding to them (otherwise the tiny variants would leak into every config); so does an
+override of ``attention.variants`` as a whole.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from xattn_video.config import check_backend, check_block_size, check_stride, check_threshold
+
+# The embedded default: what `xattn-video generate` runs with no arguments. configs/tiny.yaml is the same
+# configuration as a file to copy from (a test keeps the two equal).
+DEFAULT_YAML = """\
+model:
+  id: tiny                  # diffusers repo id or local folder of a HunyuanVideo pipeline, or "tiny"
+  revision: null            # hub revision (branch, tag or commit) for a repo id
+  dtype: float32            # float32 | float16 | bfloat16: the whole pipeline
+  transformer_dtype: null   # the transformer alone (null: dtype)
+  device: auto              # auto (cuda:LOCAL_RANK when CUDA is there, else cpu) | cpu | cuda | cuda:N
+  cpu_offload: false        # diffusers' enable_model_cpu_offload (needs CUDA)
+  vae_tiling: false         # decode the video in tiles: needed for 720p x 129 frames on one GPU
+video:
+  height: 128               # multiple of 16
+  width: 128                # multiple of 16
+  frames: 9                 # 4k + 1 (the VAE compresses time by 4)
+  fps: 8                    # frame rate written into the mp4
+  steps: 4                  # denoising steps
+  guidance_scale: 6.0       # embedded guidance (HunyuanVideo's distilled guidance), 0 or more
+  true_cfg_scale: 1.0       # > 1 runs true classifier-free guidance (needs video.negative_prompt)
+  negative_prompt: null
+  max_sequence_length: 256  # text tokens
+prompts:                    # one source: vbench_file, else file, else list
+  list:
+    - A cat walks on the grass, realistic style.
+    - A panda playing a guitar by a lake at sunset.
+  file: null                # text file, one prompt a line (blank lines and lines starting with # skipped)
+  vbench_file: null         # VBench prompt file (.txt, one a line, or VBench_full_info.json): VBench naming
+seeds: [0]                  # one generation per seed (and per video of videos_per_prompt)
+videos_per_prompt: 1
+attention:                  # shared by every xattn variant unless the variant sets its own
+  threshold: 0.9            # (0, 1]: attention mass the kept blocks must cover
+  stride: 8                 # antidiagonal stride: power of two dividing block_size
+  block_size: 128           # power of two, 16..256
+  warmup_steps: 1           # first denoising steps run dense
+  dense_layers: []          # transformer block indices that always run dense
+  backend: auto             # auto | triton | flex | torch
+  select: null              # run only these variants (list of names); null: all
+  variants:                 # name -> settings; one output folder each
+    dense: {mode: dense}
+    xattn: {mode: xattn}
+output:
+  root: outputs/tiny        # <root>/<variant>/<name>.mp4, <root>/meta/<variant>/<name>.json
+  naming: null              # null: "{prompt_index:04d}_{slug}_seed{seed}_{k}" (vbench_file: "vbench")
+  keep_latents: false       # also save the final latents (<root>/meta/<variant>/<name>.latents.pt)
+  crf: 18                   # H.264 constant rate factor: 0 lossless .. 51 worst
+progress: auto              # auto (bars on a terminal only) | true | false
+"""
+
+DTYPES = ("float32", "float16", "bfloat16")
+MODES = ("dense", "xattn", "stock")
+XATTN_KEYS = ("threshold", "stride", "block_size", "warmup_steps", "dense_layers", "backend")
+DEFAULT_NAMING = "{prompt_index:04d}_{slug}_seed{seed}_{k}"
+VBENCH_NAMING = "{prompt}-{index}"
+NAMING_FIELDS = ("prompt", "slug", "prompt_index", "seed", "k", "index")
+RESERVED_VARIANT_NAMES = ("meta", "manifest")
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+STRING_KEYS = ("model.id", "model.revision", "video.negative_prompt", "prompts.file", "prompts.vbench_file",
+               "output.root", "output.naming")
+MAX_NAME_BYTES = 240  # file names: leaves room for ".latents.pt" under the usual 255-byte limit
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed; the message names the key path, the value and what is allowed."""
+
+
+def _fail(path: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{path} = {value!r} is not allowed: {allowed}")
+
+
+# ----------------------------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    id: str
+    revision: str | None
+    dtype: str
+    transformer_dtype: str | None
+    device: str
+    cpu_offload: bool
+    vae_tiling: bool
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    height: int
+    width: int
+    frames: int
+    fps: float
+    steps: int
+    guidance_scale: float
+    true_cfg_scale: float
+    negative_prompt: str | None
+    max_sequence_length: int
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    list: tuple[str, ...]
+    file: str | None
+    vbench_file: str | None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One attention setting; produces one output folder named after it."""
+
+    name: str
+    mode: str  # dense: the project's processor, every step dense; xattn; stock: diffusers' own processor
+    threshold: float | None = None
+    stride: int | None = None
+    block_size: int | None = None
+    warmup_steps: int | None = None
+    dense_layers: tuple[int, ...] = ()
+    backend: str | None = None
+
+    def settings(self) -> dict:
+        """The settings that shape the video (no name): part of each video's fingerprint."""
+        d = asdict(self)
+        d.pop("name")
+        d["dense_layers"] = list(self.dense_layers)
+        return d
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    root: str
+    naming: str  # a str.format template over NAMING_FIELDS (already resolved from null / "vbench")
+    keep_latents: bool
+    crf: int
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """A validated configuration; ``resolved`` is the merged mapping (what sidecars and config.yaml record)."""
+
+    model: ModelConfig
+    video: VideoConfig
+    prompts: PromptsConfig
+    seeds: tuple[int, ...]
+    videos_per_prompt: int
+    variants: tuple[Variant, ...]
+    output: OutputConfig
+    progress: str
+    resolved: dict = field(compare=False, repr=False)
+
+    @property
+    def vbench(self) -> bool:
+        return self.output.naming == VBENCH_NAMING
+
+
+# ------------------------------------------------------------------------------------------------- layering
+
+
+def default_config() -> DictConfig:
+    """The embedded default as an OmegaConf mapping."""
+    return OmegaConf.create(DEFAULT_YAML)
+
+
+def _normalize_layer(layer: dict) -> dict:
+    """Shorthands a user may write: ``prompts: [..]`` for ``prompts.list``, ``seeds: 3`` for ``seeds: [3]``."""
+    if isinstance(layer.get("prompts"), (list, tuple)):
+        layer["prompts"] = {"list": list(layer["prompts"])}
+    if isinstance(layer.get("prompts"), str):
+        layer["prompts"] = {"file": layer["prompts"]}
+    if isinstance(layer.get("seeds"), int) and not isinstance(layer.get("seeds"), bool):
+        layer["seeds"] = [layer["seeds"]]
+    return layer
+
+
+def _merge_layer(base: DictConfig, layer: dict, where: str) -> DictConfig:
+    layer = _normalize_layer(layer)
+    attention = layer.get("attention")
+    if isinstance(attention, dict) and "variants" in attention:
+        # A layer that names its variants names all of them.
+        emptied = OmegaConf.to_container(base, resolve=False)
+        emptied["attention"]["variants"] = {}
+        base = OmegaConf.create(emptied)
+    try:
+        return OmegaConf.merge(base, OmegaConf.create(layer))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: cannot merge: {e}".splitlines()[0]) from None
+
+
+def _string_override(key: str, raw: str) -> dict:
+    """A string-valued key taken verbatim (``output.naming={slug}`` is a template, not a YAML mapping)."""
+    value: str | None = raw
+    if raw in ("null", "~"):
+        value = None
+    elif len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        value = raw[1:-1]
+    layer: dict = {}
+    node = layer
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return layer
+
+
+def _parse_overrides(overrides: list[str]) -> list[tuple[str, dict]]:
+    """Each ``key=value`` becomes its own nested mapping, so that each can be checked and merged in order.
+
+    Values are YAML (``seeds=[0,1]``, ``model.vae_tiling=true``) except for the string keys in
+    :data:`STRING_KEYS`, which are taken verbatim (``null`` still means null).
+    """
+    layers = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not allowed: write key=value, e.g. attention.threshold=0.95")
+        key, raw = (part.strip() for part in item.split("=", 1))
+        if not key or not re.fullmatch(r"[A-Za-z0-9_.\-]+", key):
+            raise ConfigError(f"override {item!r} is not allowed: the key must be a dotted path like video.steps")
+        if key in STRING_KEYS:
+            layers.append((item, _string_override(key, raw)))
+            continue
+        try:
+            layer = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
+        except Exception as e:  # YAML scanner errors as well as OmegaConf's
+            first = " ".join(str(e).split())
+            raise ConfigError(f"override {item!r} is not allowed: the value is not valid YAML ({first})") from None
+        layers.append((item, layer))
+    return layers
+
+
+def load_config(config_path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> (
+    GenerateConfig
+):
+    """Merge the embedded default, the YAML file and the overrides, then validate. Loads no model."""
+    cfg = default_config()
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} is not allowed: no such file")
+        try:
+            layer = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        except Exception as e:  # YAML syntax errors come in several types
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if layer is None:
+            layer = {}
+        if not isinstance(layer, dict):
+            raise ConfigError(f"config file {str(path)!r} is not allowed: the top level must be a mapping")
+        cfg = _merge_layer(cfg, layer, str(path))
+    for item, layer in _parse_overrides(list(overrides)):
+        if item.split("=", 1)[0].strip() == "attention.variants":
+            cfg = _merge_layer(cfg, layer, f"override {item!r}")
+        else:
+            # a dotted override edits one key: never replace the variants mapping
+            try:
+                cfg = OmegaConf.merge(cfg, OmegaConf.create(_normalize_layer(layer)))
+            except OmegaConfBaseException as e:
+                raise ConfigError(f"override {item!r} is not allowed: {str(e).splitlines()[0]}") from None
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config cannot be resolved: {str(e).splitlines()[0]}") from None
+    return validate(resolved)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _check_keys(section: Any, path: str, allowed: tuple[str, ...] | list[str], why: str = "") -> dict:
+    if not isinstance(section, dict):
+        raise _fail(path, section, f"must be a mapping with keys {', '.join(allowed)}")
+    for key in section:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            hint = f"; did you mean {path + '.' if path else ''}{close[0]}?" if close else ""
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"{where} is not a known key: allowed keys are {', '.join(allowed)}{why}{hint}")
+    return section
+
+
+def _int(path: str, value: Any, lo: int | None = None, hi: int | None = None, what: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(path, value, what or "must be an integer")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise _fail(path, value, what or f"must be an integer {bounds}")
+    return value
+
+
+def _num(path: str, value: Any, lo: float, what: str, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(path, value, what)
+    if value < lo or (strict and value == lo):
+        raise _fail(path, value, what)
+    return float(value)
+
+
+def _bool(path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(path, value, "must be true or false")
+    return value
+
+
+def _opt_str(path: str, value: Any, what: str = "must be a string or null") -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _fail(path, value, what)
+    return value
+
+
+def _model(m: Any) -> ModelConfig:
+    _check_keys(m, "model", ("id", "revision", "dtype", "transformer_dtype", "device", "cpu_offload", "vae_tiling"))
+    model_id = m["id"]
+    if not isinstance(model_id, str) or not model_id.strip():
+        raise _fail("model.id", model_id, 'a diffusers repo id (org/name), a local folder, or "tiny"')
+    if model_id.startswith(("/", "./", "../", "~")) and not Path(model_id).expanduser().is_dir():
+        raise _fail("model.id", model_id, "looks like a local path but is not a folder")
+    for key in ("dtype", "transformer_dtype"):
+        value = m[key]
+        if not (value in DTYPES or (key == "transformer_dtype" and value is None)):
+            extra = " or null (same as model.dtype)" if key == "transformer_dtype" else ""
+            raise _fail(f"model.{key}", value, f"one of {', '.join(DTYPES)}{extra}")
+    device = m["device"]
+    if not isinstance(device, str) or not _DEVICE.match(device):
+        raise _fail("model.device", device, "auto, cpu, cuda, cuda:N or mps")
+    cpu_offload = _bool("model.cpu_offload", m["cpu_offload"])
+    if cpu_offload and device in ("cpu", "mps"):
+        raise _fail("model.cpu_offload", cpu_offload, f"true needs a CUDA device, and model.device is {device!r}")
+    return ModelConfig(
+        id=model_id,
+        revision=_opt_str("model.revision", m["revision"]),
+        dtype=m["dtype"],
+        transformer_dtype=m["transformer_dtype"],
+        device=device,
+        cpu_offload=cpu_offload,
+        vae_tiling=_bool("model.vae_tiling", m["vae_tiling"]),
+    )
+
+
+def _video(v: Any) -> VideoConfig:
+    keys = ("height", "width", "frames", "fps", "steps", "guidance_scale", "true_cfg_scale", "negative_prompt",
+            "max_sequence_length")
+    _check_keys(v, "video", keys)
+    for key in ("height", "width"):
+        value = v[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value % 16:
+            raise _fail(f"video.{key}", value, "a multiple of 16, at least 16 (VAE x8, patch x2)")
+    frames = v["frames"]
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or (frames - 1) % 4:
+        raise _fail("video.frames", frames, "4k + 1 frames (1, 5, 9, ..., 129): the VAE compresses time by 4")
+    true_cfg = _num("video.true_cfg_scale", v["true_cfg_scale"], 1.0, "a number >= 1 (> 1 runs true CFG)")
+    negative = _opt_str("video.negative_prompt", v["negative_prompt"])
+    if true_cfg > 1.0 and negative is None:
+        raise _fail(
+            "video.true_cfg_scale", v["true_cfg_scale"],
+            "> 1 needs video.negative_prompt (a string, may be empty): without it diffusers skips true CFG",
+        )
+    return VideoConfig(
+        height=v["height"],
+        width=v["width"],
+        frames=frames,
+        fps=_num("video.fps", v["fps"], 0.0, "a number > 0", strict=True),
+        steps=_int("video.steps", v["steps"], 1, 1000),
+        guidance_scale=_num("video.guidance_scale", v["guidance_scale"], 0.0, "a number >= 0"),
+        true_cfg_scale=true_cfg,
+        negative_prompt=negative,
+        max_sequence_length=_int("video.max_sequence_length", v["max_sequence_length"], 1, 4096),
+    )
+
+
+def _prompts(p: Any) -> PromptsConfig:
+    _check_keys(p, "prompts", ("list", "file", "vbench_file"))
+    items = p["list"]
+    if items is None:
+        items = []
+    if not isinstance(items, list):
+        raise _fail("prompts.list", items, "a list of prompts")
+    for i, prompt in enumerate(items):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise _fail(f"prompts.list[{i}]", prompt, "a non-empty string")
+    for key in ("file", "vbench_file"):
+        value = _opt_str(f"prompts.{key}", p[key], "a path to a prompt file, or null")
+        if value is not None and not Path(value).expanduser().is_file():
+            raise _fail(f"prompts.{key}", value, f"an existing file (relative paths start at {os.getcwd()})")
+    if p["file"] is not None and p["vbench_file"] is not None:
+        raise _fail("prompts.file", p["file"], "null when prompts.vbench_file is set (one prompt file at a time)")
+    if not items and p["file"] is None and p["vbench_file"] is None:
+        raise _fail("prompts.list", items, "at least one prompt, or set prompts.file or prompts.vbench_file")
+    return PromptsConfig(list=tuple(items), file=p["file"], vbench_file=p["vbench_file"])
+
+
+def _seeds(seeds: Any) -> tuple[int, ...]:
+    if not isinstance(seeds, list) or not seeds:
+        raise _fail("seeds", seeds, "a non-empty list of integers, e.g. [0, 1, 2]")
+    for i, s in enumerate(seeds):
+        _int(f"seeds[{i}]", s, 0, 2**63 - 1, "an integer in [0, 2**63)")
+    if len(set(seeds)) != len(seeds):
+        raise _fail("seeds", seeds, "distinct seeds (a repeated seed would make the same video twice)")
+    return tuple(seeds)
+
+
+def _dense_layers(path: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise _fail(path, value, "a list of transformer block indices (>= 0), e.g. [0, 1]")
+    for i, layer in enumerate(value):
+        _int(f"{path}[{i}]", layer, 0, None, "a transformer block index >= 0")
+    return tuple(sorted(set(value)))
+
+
+def _xattn_setting(path: str, key: str, value: Any, block_size: int) -> Any:
+    """One XAttention parameter, checked by the same functions XAttnConfig uses, with the key path in front."""
+    try:
+        if key == "threshold":
+            return check_threshold(value)
+        if key == "block_size":
+            return check_block_size(value)
+        if key == "stride":
+            return check_stride(value, block_size)
+        if key == "backend":
+            return check_backend(value)
+    except (TypeError, ValueError) as e:
+        raise _fail(path, value, str(e)) from None
+    if key == "warmup_steps":
+        return _int(path, value, 0, None, "an integer >= 0 (the first denoising steps run dense)")
+    if key == "dense_layers":
+        return _dense_layers(path, value)
+    raise AssertionError(key)
+
+
+def _variants(a: Any) -> tuple[Variant, ...]:
+    _check_keys(a, "attention", (*XATTN_KEYS, "select", "variants"))
+    shared_block = _xattn_setting("attention.block_size", "block_size", a["block_size"], 128)
+    shared = {k: _xattn_setting(f"attention.{k}", k, a[k], shared_block) for k in XATTN_KEYS}
+    variants = a["variants"]
+    if not isinstance(variants, dict) or not variants:
+        raise _fail("attention.variants", variants, "a mapping of variant name -> {mode: dense|xattn|stock, ...}")
+    out = []
+    for name, spec in variants.items():
+        path = f"attention.variants.{name}"
+        if not isinstance(name, str) or not _VARIANT_NAME.match(name) or name in RESERVED_VARIANT_NAMES:
+            raise _fail(
+                path, name,
+                "a variant name of letters, digits, _ and - (it names a folder; no dots, so overrides can reach"
+                f" it; not {' or '.join(RESERVED_VARIANT_NAMES)})",
+            )
+        if spec is None:
+            spec = {}
+        if not isinstance(spec, dict):
+            raise _fail(path, spec, "a mapping like {mode: xattn, threshold: 0.95}")
+        mode = spec.get("mode")
+        if mode not in MODES:
+            raise _fail(f"{path}.mode", mode, f"one of {', '.join(MODES)}")
+        if mode == "xattn":
+            _check_keys(spec, path, ("mode", *XATTN_KEYS))
+            block = _xattn_setting(f"{path}.block_size", "block_size", spec.get("block_size", shared["block_size"]),
+                                   128)
+            values = {}
+            for key in XATTN_KEYS:
+                where = f"{path}.{key}" if key in spec else f"attention.{key}"
+                values[key] = _xattn_setting(where, key, spec.get(key, shared[key] if key != "dense_layers"
+                                                                  else list(shared[key])), block)
+            out.append(Variant(name=name, mode=mode, **values))
+        else:
+            _check_keys(spec, path, ("mode",), f" (mode {mode} has no XAttention settings)")
+            out.append(Variant(name=name, mode=mode))
+    select = a["select"]
+    if select is not None:
+        names = [v.name for v in out]
+        if isinstance(select, str):
+            select = [select]
+        if not isinstance(select, list) or not select:
+            raise _fail("attention.select", select, f"null or a non-empty list of variant names from {names}")
+        for i, s in enumerate(select):
+            if s not in names:
+                raise _fail(f"attention.select[{i}]", s, f"one of the variants {names}")
+        out = [v for v in out if v.name in select]
+    return tuple(out)
+
+
+def _output(o: Any, vbench: bool) -> OutputConfig:
+    _check_keys(o, "output", ("root", "naming", "keep_latents", "crf"))
+    root = o["root"]
+    if not isinstance(root, str) or not root.strip():
+        raise _fail("output.root", root, "a folder path")
+    naming = o["naming"]
+    if naming is None:
+        naming = VBENCH_NAMING if vbench else DEFAULT_NAMING
+    elif naming == "vbench":
+        naming = VBENCH_NAMING
+    if not isinstance(naming, str):
+        raise _fail("output.naming", naming, f'null, "vbench" or a template over {{{"}, {".join(NAMING_FIELDS)}}}')
+    if vbench and naming != VBENCH_NAMING:
+        raise _fail("output.naming", o["naming"], 'null or "vbench" with prompts.vbench_file (VBench reads '
+                                                  '{prompt}-{index}.mp4)')
+    try:
+        sample = naming.format(prompt="p", slug="p", prompt_index=0, seed=0, k=0, index=0)
+    except (KeyError, IndexError, ValueError) as e:
+        raise _fail("output.naming", naming, f"a str.format template over the fields {', '.join(NAMING_FIELDS)} "
+                                             f"({type(e).__name__}: {e})") from None
+    if "/" in sample or "\\" in sample or not sample.strip() or sample.startswith("."):
+        raise _fail("output.naming", naming, "a file name template: no slashes, not starting with a dot")
+    return OutputConfig(
+        root=root,
+        naming=naming,
+        keep_latents=_bool("output.keep_latents", o["keep_latents"]),
+        crf=_int("output.crf", o["crf"], 0, 51, "an H.264 CRF in [0, 51] (0 lossless, 18 visually lossless)"),
+    )
+
+
+def validate(resolved: dict) -> GenerateConfig:
+    """Check a merged, resolved mapping and build the typed configuration."""
+    top = ("model", "video", "prompts", "seeds", "videos_per_prompt", "attention", "output", "progress")
+    _check_keys(resolved, "", top)
+    missing = [k for k in top if k not in resolved]
+    if missing:
+        raise ConfigError(f"{missing[0]} is missing")
+    model = _model(resolved["model"])
+    video = _video(resolved["video"])
+    prompts = _prompts(resolved["prompts"])
+    progress = resolved["progress"]
+    if progress not in ("auto", True, False):
+        raise _fail("progress", progress, "auto, true or false")
+    return GenerateConfig(
+        model=model,
+        video=video,
+        prompts=prompts,
+        seeds=_seeds(resolved["seeds"]),
+        videos_per_prompt=_int("videos_per_prompt", resolved["videos_per_prompt"], 1, 1000),
+        variants=_variants(resolved["attention"]),
+        output=_output(resolved["output"], vbench=prompts.vbench_file is not None),
+        progress={True: "true", False: "false"}.get(progress, progress),
+        resolved=resolved,
+    )
+
+
+def to_yaml(cfg: GenerateConfig) -> str:
+    """The resolved configuration as YAML (what ``--print-config`` shows and the run saves)."""
+    return OmegaConf.to_yaml(OmegaConf.create(cfg.resolved))
+
+
+__all__ = [
+    "DEFAULT_YAML",
+    "ConfigError",
+    "GenerateConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "PromptsConfig",
+    "Variant",
+    "VideoConfig",
+    "default_config",
+    "load_config",
+    "to_yaml",
+    "validate",
+]
