@@ -35,20 +35,15 @@ Launch layout
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
 from xattn_video.inputs import check_qkv
 
-LOG2E = 1.4426950408889634
-# Triton 3.9's interpreter multiplies bfloat16 tiles as their raw uint16 bits; under TRITON_INTERPRET=1 the
-# kernel widens bf16 operands to float32 (bf16 x bf16 products are exact in float32, and P is rounded to
-# bf16 first), which is what the tensor cores compute. Compiled kernels never take that path.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._launch import INTERPRETED, LOG2E, is_pow2, launch_fitting_stages
+
 SCHEDULES = ("auto", "natural", "reverse", "heavy_first")
 _ORDER_CODES = {"natural": 0, "reverse": 1, "heavy_first": 2}
 
@@ -225,10 +220,6 @@ def _block_sparse_attention_fwd(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=((m0 + offs_m)[:, None] < N_Q) & d_ok[None, :])
 
 
-def _is_pow2(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
-
-
 def _default_config(block_size: int, block_d: int, elem_bytes: int) -> dict[str, int]:
     """Tiles and launch settings per head dim and dtype, chosen by ``bench/tune.py`` on an H100.
 
@@ -247,7 +238,7 @@ def _default_config(block_size: int, block_d: int, elem_bytes: int) -> dict[str,
 
 
 def _check_tile(name: str, value: int, block_size: int) -> None:
-    if not isinstance(value, int) or not _is_pow2(value) or value < 16 or block_size % value:
+    if not isinstance(value, int) or not is_pow2(value) or value < 16 or block_size % value:
         raise ValueError(
             f"{name} must be a power of two >= 16 dividing block_size={block_size}, got {value!r}"
         )
@@ -271,10 +262,6 @@ def _tile_order(kv_count: torch.Tensor, n_tiles: int, sub_m: int) -> torch.Tenso
     if n_qb * sub_m != n_tiles:  # the last query block's tiles past Nq: the same ones in every head
         tiles = tiles[tiles < n_tiles].reshape(batch * heads, n_tiles)
     return tiles.to(torch.int32).contiguous()
-
-
-# (config key) -> num_stages that compiled, after an out-of-resources retry.
-_STAGES_THAT_FIT: dict[tuple, int] = {}
 
 
 def block_sparse_attention_triton(
@@ -313,7 +300,7 @@ def block_sparse_attention_triton(
     aligned).
     """
     check_qkv(q, k, v, causal=causal)
-    if not isinstance(block_size, int) or not _is_pow2(block_size) or not 16 <= block_size <= 256:
+    if not isinstance(block_size, int) or not is_pow2(block_size) or not 16 <= block_size <= 256:
         raise ValueError(f"block_size must be a power of two in [16, 256], got {block_size!r}")
     batch, heads, n_q, dim = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
@@ -384,28 +371,26 @@ def block_sparse_attention_triton(
 
     # Probabilities enter the PV product in the input dtype (float32 inputs: exact float32 products).
     p_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[q.dtype]
-    via_f32 = _INTERPRETED and q.dtype == torch.bfloat16
+    via_f32 = INTERPRETED and q.dtype == torch.bfloat16
     precision = "ieee" if q.dtype == torch.float32 or via_f32 else None
 
     grid = (n_tiles, batch * heads)
     key = (q.device, q.dtype, dim, block_size, block_m, block_n, num_warps, num_stages, causal, use_tma)
-    stages = _STAGES_THAT_FIT.get(key, num_stages)
-    while True:
-        try:
-            _block_sparse_attention_fwd[grid](
-                q, k_arg, v_arg, result, kv_count, kv_indices, tile_order,
-                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *result.stride()[:3],
-                *kv_count.stride(), *kv_indices.stride(),
-                heads, heads // kv_heads, n_q, n_k, n_tiles, scale * LOG2E,
-                HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
-                CAUSAL=causal, ORDER=order, USE_TMA=use_tma, PRECISION=precision, P_DTYPE=p_dtype,
-                BF16_VIA_F32=via_f32,
-                num_warps=num_warps, num_stages=stages,
-            )  # fmt: skip
-            break
-        except OutOfResources:
-            if stages <= 1:
-                raise
-            stages -= 1
-            _STAGES_THAT_FIT[key] = stages
+    launch_fitting_stages(
+        _block_sparse_attention_fwd,
+        grid,
+        (
+            q, k_arg, v_arg, result, kv_count, kv_indices, tile_order,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *result.stride()[:3],
+            *kv_count.stride(), *kv_indices.stride(),
+            heads, heads // kv_heads, n_q, n_k, n_tiles, scale * LOG2E,
+        ),
+        dict(
+            HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
+            CAUSAL=causal, ORDER=order, USE_TMA=use_tma, PRECISION=precision, P_DTYPE=p_dtype,
+            BF16_VIA_F32=via_f32, num_warps=num_warps,
+        ),
+        key=key,
+        num_stages=num_stages,
+    )  # fmt: skip
     return result

@@ -39,21 +39,16 @@ Numerics
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
 from xattn_video.config import check_block_size, check_stride
 from xattn_video.inputs import check_qkv
 
-LOG2E = 1.4426950408889634
-# Triton 3.9's interpreter multiplies bfloat16 tiles as their raw uint16 bits; under TRITON_INTERPRET=1 the
-# kernel widens bf16 operands to float32 (bf16 x bf16 products are exact in float32, as on the tensor cores).
-# Compiled kernels never take that path.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._launch import INTERPRETED, LOG2E, is_pow2, launch_fitting_stages
+
 SCRATCH_BYTES = 256 << 20
 
 
@@ -336,10 +331,6 @@ def _estimate_reduce_kernel(
     tl.store(out_base + qbs[:, None, None] * stride_oq + kbs[None, :, :], score, mask=out_mask)
 
 
-def _is_pow2(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
-
-
 def default_config(head_dim: int, elem_bytes: int) -> dict[str, int]:
     """Tiles and launch settings per head dim and dtype (Hopper); the lead tunes these on the GPU."""
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -352,14 +343,14 @@ def default_config(head_dim: int, elem_bytes: int) -> dict[str, int]:
 
 
 def _check_tile(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not _is_pow2(value) or value < 16:
+    if isinstance(value, bool) or not isinstance(value, int) or not is_pow2(value) or value < 16:
         raise ValueError(f"{name} must be a power of two >= 16, got {value!r}")
 
 
 def _descriptors(q, k, stride, block_m, block_n, block_d):
     """TMA descriptors of q and k viewed as [B, H, S, N // S, D] (whole strided rows), or (None, None) when
     the layout does not allow them (16-byte aligned base and strides) or there is no whole strided row."""
-    if not (q.is_cuda or _INTERPRETED):
+    if not (q.is_cuda or INTERPRETED):
         return None, None
     if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
         return None, None
@@ -398,10 +389,6 @@ def _pick_chunk(n_bh: int, max_chunk: int, n_mtiles: int, slots: int) -> int:
         if best_key is None or key < best_key:
             best, best_key = chunk, key
     return best
-
-
-# (config key) -> num_stages that compiled, after an out-of-resources retry.
-_STAGES_THAT_FIT: dict[tuple, int] = {}
 
 
 def block_scores_triton(
@@ -465,7 +452,7 @@ def block_scores_triton(
     _check_tile("block_m", block_m)
     _check_tile("block_n", block_n)
     _check_tile("reduce_cols", reduce_cols)
-    if isinstance(reduce_rows, bool) or not isinstance(reduce_rows, int) or not _is_pow2(reduce_rows):
+    if isinstance(reduce_rows, bool) or not isinstance(reduce_rows, int) or not is_pow2(reduce_rows):
         raise ValueError(f"reduce_rows must be a power of two, got {reduce_rows!r}")
     block_n = max(block_n, rows_per_block)
     num_warps = config["num_warps"] if num_warps is None else num_warps
@@ -489,16 +476,16 @@ def block_scores_triton(
     max_chunk = max(1, min(batch * heads, scratch_bytes // (4 * per_bh)))
     chunk = _pick_chunk(batch * heads, max_chunk, n_mtiles, _sm_count(q.device))
     scratch = torch.empty(chunk * per_bh, dtype=torch.float32, device=q.device)
-    if _INTERPRETED:  # tests: a read of a scratch place the kernel never wrote shows up as NaN
+    if INTERPRETED:  # tests: a read of a scratch place the kernel never wrote shows up as NaN
         scratch.fill_(float("nan"))
     part = scratch[: chunk * part_rows * part_cols]
     mused = scratch[part.numel() : part.numel() + chunk * part_rows * n_ntiles]
     mfin = scratch[part.numel() + mused.numel() :][: chunk * part_rows]
     lfin = scratch[part.numel() + mused.numel() + mfin.numel() :]
 
-    via_f32 = _INTERPRETED and q.dtype == torch.bfloat16
+    via_f32 = INTERPRETED and q.dtype == torch.bfloat16
     if q.dtype == torch.float32:
-        precision = "ieee" if _INTERPRETED else (input_precision or "tf32")
+        precision = "ieee" if INTERPRETED else (input_precision or "tf32")
     else:
         precision = "ieee" if via_f32 else None
     qk_scale = scale / stride * LOG2E
@@ -513,24 +500,22 @@ def block_scores_triton(
     key += (flatten, q_desc is not None)
     for bh0 in range(0, batch * heads, chunk):
         n_bh = min(chunk, batch * heads - bh0)
-        stages = _STAGES_THAT_FIT.get(key, num_stages)
-        while True:
-            try:
-                _estimate_partials_kernel[(n_mtiles, n_bh)](
-                    q, k, q_desc, k_desc, part, mused, mfin, lfin,
-                    *q.stride()[:3], *k.stride()[:3],
-                    bh0, heads, heads // kv_heads, n_q, n_k, rows_k, part_rows, part_cols, n_ntiles, qk_scale,
-                    S=stride, R=rows_per_block, HEAD_DIM=dim, BLOCK_D=block_d,
-                    BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, FLATTEN=flatten, PRECISION=precision,
-                    BF16_VIA_F32=via_f32, USE_TMA=q_desc is not None,
-                    num_warps=num_warps, num_stages=stages,
-                )  # fmt: skip
-                break
-            except OutOfResources:
-                if stages <= 1:
-                    raise
-                stages -= 1
-                _STAGES_THAT_FIT[key] = stages
+        launch_fitting_stages(
+            _estimate_partials_kernel,
+            (n_mtiles, n_bh),
+            (
+                q, k, q_desc, k_desc, part, mused, mfin, lfin,
+                *q.stride()[:3], *k.stride()[:3],
+                bh0, heads, heads // kv_heads, n_q, n_k, rows_k, part_rows, part_cols, n_ntiles, qk_scale,
+            ),
+            dict(
+                S=stride, R=rows_per_block, HEAD_DIM=dim, BLOCK_D=block_d,
+                BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, FLATTEN=flatten, PRECISION=precision,
+                BF16_VIA_F32=via_f32, USE_TMA=q_desc is not None, num_warps=num_warps,
+            ),
+            key=key,
+            num_stages=num_stages,
+        )  # fmt: skip
         grid = (triton.cdiv(n_qb, qb_per), triton.cdiv(n_kb, kb_per), n_bh)
         _estimate_reduce_kernel[grid](
             part, mused, mfin, lfin, scores, *scores.stride()[:3],

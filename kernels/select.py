@@ -28,13 +28,12 @@ Design
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._launch import INTERPRETED
 
 
 @triton.jit
@@ -152,7 +151,7 @@ def select_blocks_triton(
     scores = scores.float()
     npad = max(16, triton.next_power_of_2(n_kb))
     if rows_per_program is None:
-        budget = 4096 if _INTERPRETED else 1024
+        budget = 4096 if INTERPRETED else 1024
         rows_per_program = min(max(1, budget // npad), triton.next_power_of_2(n_rows))
     if isinstance(rows_per_program, bool) or not isinstance(rows_per_program, int) or rows_per_program < 1:
         raise ValueError(f"rows_per_program must be a positive power of two, got {rows_per_program!r}")
