@@ -60,8 +60,13 @@ def flex_block_sparse_attention(
         seq_lengths=(n_q, n_k),
     )
     enable_gqa = q.shape[1] != k.shape[1]
-    attend = _compiled_flex_attention() if q.is_cuda else flex_attention
-    return attend(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    if not q.is_cuda:  # FlexAttention's unfused path: it evaluates mask_mod over the whole score matrix
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    # The compiled kernel's tiles must divide the BlockMask's blocks; its defaults are 128 on Hopper.
+    tiles = {"BLOCK_M": block_size, "BLOCK_N": block_size} if block_size < 128 else None
+    return _compiled_flex_attention()(
+        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=tiles
+    )
 
 
 def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
