@@ -28,7 +28,7 @@ from xattn_video.kernels.block_sparse_attention import block_sparse_attention_tr
 from xattn_video.kernels.estimate import block_scores_triton
 from xattn_video.kernels.select import select_blocks_triton
 from xattn_video.reference import block_scores_torch, select_blocks_torch
-from xattn_video.synthetic import video_like_qkv
+from xattn_video.synthetic import random_block_selection, video_like_qkv
 
 # HunyuanVideo latent grids (129 frames -> 33 latent frames; 2x2 patches) plus 256 text tokens.
 SIZES = {
@@ -54,17 +54,6 @@ def bench_ms(fn, repeats: int) -> float:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-def random_selection(batch: int, heads: int, n_blocks: int, density: float, device) -> BlockSelection:
-    """Each query-block row keeps round(density * n_blocks) random key blocks (at least one)."""
-    keep = max(1, round(density * n_blocks))
-    ranks = torch.rand(batch, heads, n_blocks, n_blocks, device=device).argsort(-1).argsort(-1)
-    mask = ranks < keep
-    kb = torch.arange(n_blocks, device=device)
-    order = torch.where(mask, kb, kb + n_blocks).sort(-1).values
-    indices = torch.where(order < n_blocks, order, -1).to(torch.int32)
-    return BlockSelection(mask, mask.sum(-1, dtype=torch.int32), indices)
 
 
 def extra_memory_mib(fn) -> float:
@@ -98,7 +87,7 @@ def run_size(n: int, args: argparse.Namespace, device: torch.device, rows: list,
     print(f"{label}: cuDNN dense {cudnn_ms:.1f} ms ({cudnn_tf:.0f} TFLOP/s)", flush=True)
 
     # ---- correctness at full size
-    full = random_selection(1, args.heads, n_blocks, 1.0, device)
+    full = random_block_selection(1, args.heads, n_blocks, 1.0, device=device)
     out = block_sparse_attention_triton(q, k, v, full.kv_count, full.kv_indices, block_size=bs, causal=False)
     checks.append((label, "triton sparse, all blocks, vs cuDNN SDPA", rel_err(out, dense)))
     for threshold in args.thresholds[:1]:
@@ -154,7 +143,7 @@ def run_size(n: int, args: argparse.Namespace, device: torch.device, rows: list,
 
     # ---- fixed random densities
     for density in args.densities:
-        sel = random_selection(1, args.heads, n_blocks, density, device)
+        sel = random_block_selection(1, args.heads, n_blocks, density, device=device)
         real_density = float(sel.kv_count.sum()) / (args.heads * n_blocks * n_blocks)
         att_ms = bench_ms(lambda sel=sel: block_sparse_attention_triton(
             q, k, v, sel.kv_count, sel.kv_indices, block_size=bs, causal=False), args.repeats)

@@ -254,6 +254,7 @@ def fixed_density_processor_class():
     from xattn_video.config import XAttnConfig
     from xattn_video.estimate import BlockSelection, estimate_blocks
     from xattn_video.inputs import resolve_backend
+    from xattn_video.synthetic import random_block_selection
 
     class FixedDensityProcessor(XAttnProcessor):
         """XAttnProcessor whose block choice is replaced by random blocks at a fixed density (benchmarks only).
@@ -270,15 +271,9 @@ def fixed_density_processor_class():
         def _selection(self, q: torch.Tensor, n_blocks: int) -> BlockSelection:
             key = (q.shape[0], q.shape[1], n_blocks, q.device)
             if key not in self._selections:
-                batch, heads = q.shape[:2]
-                gen = torch.Generator(device=q.device).manual_seed(1234 + n_blocks)
-                keep = max(1, round(self.density * n_blocks))
-                noise = torch.rand(batch, heads, n_blocks, n_blocks, generator=gen, device=q.device)
-                mask = noise.argsort(-1).argsort(-1) < keep
-                kb = torch.arange(n_blocks, device=q.device)
-                order = torch.where(mask, kb, kb + n_blocks).sort(-1).values
-                indices = torch.where(order < n_blocks, order, -1).to(torch.int32)
-                self._selections[key] = BlockSelection(mask, mask.sum(-1, dtype=torch.int32), indices)
+                self._selections[key] = random_block_selection(
+                    q.shape[0], q.shape[1], n_blocks, self.density, device=q.device, seed=1234 + n_blocks
+                )
             return self._selections[key]
 
         def sparse_attention(self, q, k, v):

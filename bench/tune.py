@@ -14,17 +14,17 @@ import sys
 
 import torch
 
-from bench.attention import SIZES, bench_ms, random_selection, rel_err, tflops
+from bench.attention import SIZES, bench_ms, rel_err, tflops
 from xattn_video.kernels.block_sparse_attention import block_sparse_attention_triton
 from xattn_video.kernels.estimate import block_scores_triton
 from xattn_video.kernels.select import select_blocks_triton
-from xattn_video.synthetic import video_like_qkv
+from xattn_video.synthetic import random_block_selection, video_like_qkv
 
 
 def tune_attention(q, k, v, heads, dim, repeats):
     n = q.shape[2]
     n_blocks = math.ceil(n / 128)
-    sel = random_selection(1, heads, n_blocks, 0.35, q.device)
+    sel = random_block_selection(1, heads, n_blocks, 0.35, device=q.device)
     density = float(sel.kv_count.sum()) / (heads * n_blocks * n_blocks)
     ref = block_sparse_attention_triton(q, k, v, sel.kv_count, sel.kv_indices, block_size=128, causal=False)
     grid = [

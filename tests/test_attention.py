@@ -196,3 +196,16 @@ def test_triton_without_cuda_or_interpreter_is_refused(monkeypatch):
     q, k, v = random_qkv(1, 2, 2, 64, 32)
     with pytest.raises(RuntimeError, match="backend='triton' needs CUDA"):
         xattn_attention(q, k, v, threshold=0.9, stride=8, backend="triton")
+
+
+def test_random_block_selection_has_the_asked_density_in_compact_form():
+    from xattn_video.synthetic import random_block_selection
+
+    sel = random_block_selection(2, 3, 10, 0.3, seed=5)
+    assert torch.equal(sel.mask.sum(-1), torch.full((2, 3, 10), 3))
+    assert torch.equal(sel.kv_count, sel.mask.sum(-1, dtype=torch.int32))
+    kept = sel.kv_indices[..., :3]
+    assert (kept[..., 1:] > kept[..., :-1]).all() and (sel.kv_indices[..., 3:] == -1).all()
+    assert torch.equal(sel.mask.gather(-1, kept.long()), torch.ones_like(kept, dtype=torch.bool))
+    with pytest.raises(ValueError, match="density"):
+        random_block_selection(1, 1, 4, 0.0)

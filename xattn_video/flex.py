@@ -12,6 +12,8 @@ import functools
 
 import torch
 
+from .reference import compact_blocks
+
 
 @functools.cache
 def _compiled_flex_attention():
@@ -52,9 +54,12 @@ def flex_block_sparse_attention(
         needs_mask |= kb == n_kb - 1
     partial = mask & needs_mask
     full = mask & ~needs_mask
+    (partial_count, partial_indices), (full_count, full_indices) = compact_blocks(partial), compact_blocks(full)
     block_mask = BlockMask.from_kv_blocks(
-        *_compact(partial),
-        *_compact(full),
+        partial_count,
+        partial_indices.clamp_min(0),  # entries past the count are ignored; keep them valid indices
+        full_count,
+        full_indices.clamp_min(0),
         BLOCK_SIZE=block_size,
         mask_mod=mask_mod,
         seq_lengths=(n_q, n_k),
@@ -68,11 +73,3 @@ def flex_block_sparse_attention(
         q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=tiles
     )
 
-
-def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool [..., nqb, nkb] -> (count int32 [..., nqb], ascending indices int32 [..., nqb, nkb])."""
-    n_kb = mask.shape[-1]
-    kb = torch.arange(n_kb, device=mask.device)
-    order = torch.where(mask, kb, kb + n_kb).sort(dim=-1).values
-    indices = torch.where(order < n_kb, order, 0).to(torch.int32)
-    return mask.sum(-1, dtype=torch.int32), indices

@@ -102,11 +102,16 @@ def select_blocks_torch(
         mask = (s >= cutoff) & valid
     if causal:
         mask = mask | (kb == qb) | (kb == 0)
-    kv_count = mask.sum(-1, dtype=torch.int32)
-    order_key = torch.where(mask, kb, kb + n_kb)
-    kv_indices = order_key.sort(dim=-1).values
-    kv_indices = torch.where(kv_indices < n_kb, kv_indices, -1).to(torch.int32)
-    return mask, kv_count, kv_indices
+    return (mask, *compact_blocks(mask))
+
+
+def compact_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [..., nqb, nkb] -> (kv_count int32 [..., nqb], kv_indices int32 [..., nqb, nkb]): the kept
+    block indices of each row ascending, then -1 (the kernels' and FlexAttention's compact format)."""
+    n_kb = mask.shape[-1]
+    kb = torch.arange(n_kb, device=mask.device)
+    order = torch.where(mask, kb, kb + n_kb).sort(dim=-1).values
+    return mask.sum(-1, dtype=torch.int32), torch.where(order < n_kb, order, -1).to(torch.int32)
 
 
 def block_sparse_attention_torch(

@@ -105,3 +105,20 @@ def video_like_qkv(
                 q[b, h * group + g] = noisy(feats)
     v = torch.randn(batch, kv_heads, n, head_dim, generator=gen, dtype=torch.float32, device=gen.device)
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def random_block_selection(
+    batch: int, heads: int, n_blocks: int, density: float, *, device: str | torch.device = "cpu", seed: int = 0
+):
+    """A fixed-density stand-in for the estimate: each query-block row keeps round(density * n_blocks)
+    random key blocks (at least one). Returns a :class:`xattn_video.estimate.BlockSelection`."""
+    from .estimate import BlockSelection
+    from .reference import compact_blocks
+
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    keep = max(1, round(density * n_blocks))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.rand(batch, heads, n_blocks, n_blocks, generator=gen, device=device)
+    mask = noise.argsort(-1).argsort(-1) < keep
+    return BlockSelection(mask, *compact_blocks(mask))
