@@ -191,11 +191,14 @@ def plan_jobs(cfg: GenerateConfig, prompts: Sequence[str]) -> list[VideoJob]:
 
 
 def shard(jobs: Sequence[VideoJob], rank: int, world_size: int) -> list[VideoJob]:
-    """This process's share: every world_size-th job from its rank. The shares are disjoint and together
-    hold every job, whatever the job count."""
+    """This process's share: every world_size-th video from its rank, each with all its attention variants,
+    so that the dense and XAttention versions of one video are made on the same GPU and their times compare.
+    The shares are disjoint and together hold every job, whatever the job count."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-    return list(jobs[rank::world_size])
+    videos = list(dict.fromkeys((job.prompt_index, job.seed, job.k) for job in jobs))
+    mine = set(videos[rank::world_size])
+    return [job for job in jobs if (job.prompt_index, job.seed, job.k) in mine]
 
 
 def dist_env(rank: int | None = None, world_size: int | None = None) -> tuple[int, int, int]:

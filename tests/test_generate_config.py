@@ -268,7 +268,10 @@ def test_shards_are_disjoint_and_complete(world_size):
     flat = [j for share in shares for j in share]
     assert len(flat) == len(jobs) and set(flat) == set(jobs)  # no job twice, none lost
     sizes = [len(s) for s in shares]
-    assert max(sizes) - min(sizes) <= 1  # balanced
+    assert max(sizes) - min(sizes) <= len(cfg.variants)  # balanced to one video
+    for share in shares:  # a video's variants share a process (and a GPU): their times compare
+        videos = {(j.prompt_index, j.seed, j.k) for j in share}
+        assert len(share) == len(videos) * len(cfg.variants)
     # every process computes the same plan on its own
     assert plan_jobs(cfg, resolve_prompts(cfg)) == jobs
     with pytest.raises(ValueError):

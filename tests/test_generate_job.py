@@ -99,12 +99,13 @@ def test_a_failed_prompt_is_reported_and_the_run_goes_on(tmp_path, pipe, quiet_t
 
 
 def test_ranks_share_the_work_without_duplicates_or_gaps(tmp_path, pipe, quiet_threads):
-    cfg = config(tmp_path, "attention.select=[xattn]")
+    cfg = config(tmp_path)
     made = []
     for rank in range(2):
         result = generate.run_generate(cfg, rank=rank, world_size=2, pipeline=pipe, log=lambda m: None)
+        assert {label.split("/")[0] for label in result.made} == {"dense", "xattn"}
         made += result.made
-    assert len(made) == len(set(made)) == 3
-    assert len(mp4s(tmp_path)) == 3
+    assert len(made) == len(set(made)) == 6
+    assert len(mp4s(tmp_path)) == 6
     again = generate.run_generate(cfg, rank=1, world_size=2, pipeline=pipe, log=lambda m: None)
     assert not again.made and again.skipped  # resume works per process
