@@ -42,6 +42,7 @@ import platform
 import re
 import resource
 import socket
+import statistics
 import sys
 import time
 import traceback
@@ -321,21 +322,28 @@ def load_pipeline(model: ModelConfig, device: str) -> Any:
 _STOCK_PROCESSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def apply_variant(pipe: Any, variant: Variant, steps: int, previous: Any = None) -> Any:
+def apply_variant(pipe: Any, variant: Variant, steps: int) -> Any:
     """Put the variant's attention processors on the transformer; return the XAttnProcessor (None for
-    ``stock``). ``previous``, the processor of the last variant, stops listening to the step tracker.
+    ``stock``). The processor of the variant before stops listening to the step tracker.
 
     ``dense``: the project's processor with every step dense, i.e. unmasked attention over the valid tokens,
     the fastest dense baseline (DESIGN.md), with the same statistics as the sparse variants.
-    ``stock``: the processors the pipeline came with (diffusers' masked attention), restored exactly.
+    ``stock``: the processors the pipeline came with (diffusers' masked attention).
     """
+    from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+
     import xattn_video
 
     transformer = pipe.transformer
+    current = dict(transformer.attn_processors)
     if transformer not in _STOCK_PROCESSORS:
-        _STOCK_PROCESSORS[transformer] = dict(transformer.attn_processors)
-    if previous is not None:
-        previous.detach()
+        _STOCK_PROCESSORS[transformer] = {  # an XAttnProcessor set before we came is not stock
+            name: HunyuanVideoAttnProcessor2_0() if isinstance(p, xattn_video.XAttnProcessor) else p
+            for name, p in current.items()
+        }
+    for processor in {id(p): p for p in current.values()}.values():
+        if isinstance(processor, xattn_video.XAttnProcessor):
+            processor.detach()
     if variant.mode == "stock":
         transformer.set_attn_processor(dict(_STOCK_PROCESSORS[transformer]))
         return None
@@ -602,7 +610,7 @@ class VariantTally:
     skipped: int = 0
     failed: int = 0
     video_s: list[float] = field(default_factory=list)
-    step_s: list[float] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)  # every denoising step of every video, pooled
     density: list[float] = field(default_factory=list)
     sparse_density: list[float] = field(default_factory=list)
 
@@ -610,8 +618,7 @@ class VariantTally:
         timing = sidecar.get("timing", {})
         if timing.get("total_s") is not None:
             self.video_s.append(float(timing["total_s"]))
-        if timing.get("mean_step_s") is not None:
-            self.step_s.append(float(timing["mean_step_s"]))
+        self.step_s.extend(float(x) for x in timing.get("step_s") or [])
         attention = sidecar.get("attention_stats") or {}
         if attention.get("density") is not None:
             self.density.append(float(attention["density"]))
@@ -629,6 +636,8 @@ class RunResult:
     failures: list[tuple[str, str]]
     made: list[str]
     skipped: list[str]
+    run_total: int = 0  # videos of the whole run, all processes
+    run_finished: int = 0  # of those, finished on disk when this process ended
 
     @property
     def ok(self) -> bool:
@@ -639,15 +648,20 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
 def summary_table(result: RunResult) -> str:
-    """The end-of-run table: per variant, videos made / skipped / failed, mean time per video and per
-    denoising step, mean block density (all steps; sparse steps only) and the step speed relative to the
-    dense baseline."""
+    """The end-of-run table: per variant, videos made / skipped / failed, median time per video and per
+    denoising step (all steps of all videos pooled: the first video's Triton compilation is one outlier
+    among many), mean block density (all steps; sparse steps only) and the step speed relative to the dense
+    baseline."""
     rows = list(result.tallies.values())
     base = next((t for t in rows if t.variant.mode == "dense" and t.step_s), None) or next(
         (t for t in rows if t.variant.mode == "stock" and t.step_s), None
     )
-    base_step = _mean(base.step_s) if base else None
+    base_step = _median(base.step_s) if base else None
 
     def fmt(x: float | None, spec: str) -> str:
         return "-" if x is None else format(x, spec)
@@ -656,20 +670,24 @@ def summary_table(result: RunResult) -> str:
               "sparse-step density", "speed-up"]
     lines = [header]
     for t in rows:
-        step = _mean(t.step_s)
+        step = _median(t.step_s)
         speed = base_step / step if (base_step and step) else None
         lines.append([t.variant.name, t.variant.mode, str(t.planned), str(t.made), str(t.skipped), str(t.failed),
-                      fmt(_mean(t.video_s), ".2f"), fmt(step, ".3f"), fmt(_mean(t.density), ".3f"),
+                      fmt(_median(t.video_s), ".2f"), fmt(step, ".3f"), fmt(_mean(t.density), ".3f"),
                       fmt(_mean(t.sparse_density), ".3f"), fmt(speed, ".2f") + ("x" if speed else "")])
     widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
     text = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
             for r in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     who = f" (rank {result.rank} of {result.world_size})" if result.world_size > 1 else ""
-    note = f"summary{who}: times and density over every finished video of this share"
+    note = (f"summary{who}, over every finished video of this share: median s/video and s/step (robust to the "
+            "first video's kernel compilation), mean density")
     if base:
         note += f"; speed-up is s/step of {base.variant.name} / s/step"
-    return "\n".join([note, *text])
+    whole = f"whole run: {result.run_finished} of {result.run_total} videos finished"
+    if result.world_size > 1:
+        whole += " (when this process ended; the others may still be at work)"
+    return "\n".join([note, *text, whole])
 
 
 # ----------------------------------------------------------------------------------------------------- run
@@ -723,7 +741,7 @@ def run_generate(
         f"{len(cfg.variants)} variants = {len(jobs)} videos under {layout.root}; this process: {len(mine)}, "
         f"{len(mine) - len(todo)} already done, {len(todo)} to make"
         + (f" ({n_stale} made with other settings: remade)" if n_stale else ""))
-    result = RunResult(rank, world_size, tallies, [], [], [])
+    result = RunResult(rank, world_size, tallies, [], [], [], run_total=len(jobs))
     for job in mine:
         if states[job] == "done":
             tallies[job.variant.name].skipped += 1
@@ -732,13 +750,13 @@ def run_generate(
     if dry_run:
         for job in todo:
             log(f"  would make {job.label}.mp4  ({job.prompt!r}, seed {job.seed})")
-        return result
+        return _count_finished(result, jobs, layout, cfg)
     if rank == 0:
         from xattn_video.video_io import write_text_atomic
 
         write_text_atomic(layout.config, to_yaml(cfg), tmp_dir=layout.partial)
     if not todo:
-        return result
+        return _count_finished(result, jobs, layout, cfg)
 
     device = resolve_device(cfg.model.device, local_rank, cfg.model.cpu_offload)
     if pipeline is None:
@@ -749,6 +767,12 @@ def run_generate(
     else:
         device = str(getattr(pipeline, "_execution_device", device))
     _make_all(pipeline, todo, cfg, layout, result, log=log, device=device)
+    return _count_finished(result, jobs, layout, cfg)
+
+
+def _count_finished(result: RunResult, jobs: list[VideoJob], layout: Layout, cfg: GenerateConfig) -> RunResult:
+    """Count the whole run's finished videos (every process's), for the summary's last line."""
+    result.run_finished = sum(job_state(job, layout, cfg.output.keep_latents) == "done" for job in jobs)
     return result
 
 
@@ -769,7 +793,7 @@ def _make_all(pipe: Any, todo: list[VideoJob], cfg: GenerateConfig, layout: Layo
             pipe.set_progress_bar_config(disable=not step_bars, leave=False, desc="steps", dynamic_ncols=True)
             try:
                 if job.variant != current:
-                    proc = apply_variant(pipe, job.variant, cfg.video.steps, previous=proc)
+                    proc = apply_variant(pipe, job.variant, cfg.video.steps)
                     current = job.variant
                 gen = generate_video(pipe, proc, job, cfg, device)
                 sidecar = save_outputs(job, cfg, gen, layout, device=device, rank=result.rank,
@@ -845,6 +869,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
                         help="a YAML config (default: the embedded tiny CPU run), then OmegaConf dot-list "
                              "overrides such as attention.threshold=0.95 seeds=[0,1]")
+    parser.set_defaults(_positional_rest="args")  # overrides may also follow the options
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved, validated config and exit (loads no model)")
     parser.add_argument("--dry-run", action="store_true",

@@ -87,6 +87,15 @@ def test_dry_run_loads_no_model(tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_options_and_overrides_in_any_order(tmp_path, capsys):
+    config = ROOT / "configs" / "hunyuan_720x1280.yaml"
+    assert cli.main(["generate", str(config), "--dry-run", f"output.root={tmp_path}", "seeds=[0,1]"]) == 0
+    assert "4 prompts x 2 seeds x 1 videos x 3 variants = 24 videos" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        cli.main(["generate", str(config), "--dry-run", "--no-such-flag"])
+    assert err.value.code == 2 and "--no-such-flag" in capsys.readouterr().err
+
+
 def _run(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(list(argv), cwd=cwd, env=env, capture_output=True, text=True, timeout=120)

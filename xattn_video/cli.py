@@ -6,6 +6,9 @@ A subcommand module provides three names:
 - ``add_arguments(parser)``: its arguments on an ``argparse`` parser;
 - ``run(args) -> int``: the work; the return value is the exit status.
 
+A command whose trailing positionals may come after its options (``generate c.yaml --dry-run key=value``) names
+their destination with ``parser.set_defaults(_positional_rest="args")``.
+
 Adding a command (``quality``, ``vbench``, ``attn-report``, ``videomme``) is one new module and one line here.
 Modules keep heavy imports (torch, diffusers) inside ``run`` so that ``--help`` stays fast.
 """
@@ -65,7 +68,12 @@ def build_parser(commands: dict[str, str] | None = None) -> argparse.ArgumentPar
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script and of ``python -m xattn_video``; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    args, extra = parser.parse_known_args(list(argv) if argv is not None else None)
+    rest = getattr(args, "_positional_rest", None)
+    if extra and rest and not any(item.startswith("-") for item in extra):
+        getattr(args, rest).extend(extra)  # positionals given after options: `generate c.yaml --dry-run k=v`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args._run(args) or 0)
     except CommandError as e:
