@@ -112,6 +112,15 @@ def run_size(n: int, args: argparse.Namespace, device: torch.device, rows: list,
         print(f"  check {c[1]}: {c[2]:.3g}", flush=True)
     del dense, out
 
+    def time_sparse(sel: BlockSelection) -> tuple[float, float | None]:
+        """Median ms of the Triton sparse kernel and (unless --no-flex) FlexAttention on the same blocks."""
+        triton_ms = bench_ms(lambda: block_sparse_attention_triton(
+            q, k, v, sel.kv_count, sel.kv_indices, block_size=bs, causal=False), args.repeats)
+        if args.no_flex:
+            return triton_ms, None
+        return triton_ms, bench_ms(lambda: flex_block_sparse_attention(
+            q, k, v, sel.mask, block_size=bs, causal=False), args.repeats)
+
     # ---- thresholds on video-like inputs
     for threshold in args.thresholds:
         def estimate(threshold=threshold):
@@ -127,12 +136,7 @@ def run_size(n: int, args: argparse.Namespace, device: torch.device, rows: list,
         extra_mib = extra_memory_mib(estimate_and_attend)
         density = float(sel.kv_count.sum()) / (args.heads * n_blocks * n_blocks)
         est_ms = bench_ms(estimate, args.repeats)
-        att_ms = bench_ms(lambda sel=sel: block_sparse_attention_triton(
-            q, k, v, sel.kv_count, sel.kv_indices, block_size=bs, causal=False), args.repeats)
-        flex_ms = None
-        if not args.no_flex:
-            flex_ms = bench_ms(lambda sel=sel: flex_block_sparse_attention(
-                q, k, v, sel.mask, block_size=bs, causal=False), args.repeats)
+        att_ms, flex_ms = time_sparse(sel)
         rows.append(dict(size=label, tokens=n, variant=f"xattn t={threshold} s={args.stride}", density=density,
                          estimate_ms=est_ms, attention_ms=att_ms, total_ms=est_ms + att_ms,
                          vs_cudnn=cudnn_ms / (est_ms + att_ms), tflops=tflops(n, args.heads, args.head_dim,
@@ -145,12 +149,7 @@ def run_size(n: int, args: argparse.Namespace, device: torch.device, rows: list,
     for density in args.densities:
         sel = random_block_selection(1, args.heads, n_blocks, density, device=device)
         real_density = float(sel.kv_count.sum()) / (args.heads * n_blocks * n_blocks)
-        att_ms = bench_ms(lambda sel=sel: block_sparse_attention_triton(
-            q, k, v, sel.kv_count, sel.kv_indices, block_size=bs, causal=False), args.repeats)
-        flex_ms = None
-        if not args.no_flex:
-            flex_ms = bench_ms(lambda sel=sel: flex_block_sparse_attention(
-                q, k, v, sel.mask, block_size=bs, causal=False), args.repeats)
+        att_ms, flex_ms = time_sparse(sel)
         rows.append(dict(size=label, tokens=n, variant=f"random blocks {density:.2f}", density=real_density,
                          estimate_ms=0.0, attention_ms=att_ms, total_ms=att_ms, vs_cudnn=cudnn_ms / att_ms,
                          tflops=tflops(n, args.heads, args.head_dim, real_density, att_ms), flex_ms=flex_ms))

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import XAttnConfig
-from .estimate import BlockSelection, estimate_blocks
-from .inputs import check_qkv, resolve_backend
+from .estimate import BlockSelection, checked_config, estimate_blocks
 from .reference import block_sparse_attention_torch
 
 
@@ -124,9 +123,7 @@ def xattn_attention(
     run on the inputs' device raises instead of switching. NaN or Inf in q or k raise a ValueError (the
     estimate is undefined); NaN in v propagates to the rows that attend to it, as in SDPA.
     """
-    config = XAttnConfig(threshold, stride, block_size, causal, backend)
-    check_qkv(q, k, v, causal=causal)
-    config = XAttnConfig(threshold, stride, block_size, causal, resolve_backend(backend, q.device))
+    config = checked_config(q, k, v, XAttnConfig(threshold, stride, block_size, causal, backend))
 
     timer = _Timer(q.device, enabled=return_stats)
     selection = estimate_blocks(q, k, config, scale=scale)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -78,8 +79,11 @@ def estimate_block_mask(
     the smallest set of blocks whose score mass reaches ``threshold`` (the crossing block kept; ties with
     it kept; causal: diagonal and first block always kept). ``threshold=1.0`` keeps every block.
     """
-    config = XAttnConfig(threshold, stride, block_size, causal, backend)
-    check_qkv(q, k, None, causal=causal)
-    resolved = resolve_backend(backend, q.device)
-    config = XAttnConfig(threshold, stride, block_size, causal, resolved)
+    config = checked_config(q, k, None, XAttnConfig(threshold, stride, block_size, causal, backend))
     return estimate_blocks(q, k, config, scale=scale).mask
+
+
+def checked_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, config: XAttnConfig) -> XAttnConfig:
+    """Check the tensors against a validated config; return it with "auto" resolved for their device."""
+    check_qkv(q, k, v, causal=config.causal)
+    return replace(config, backend=resolve_backend(config.backend, q.device))
