@@ -249,11 +249,9 @@ def first_blocks_only(model):
 
 
 def fixed_density_processor_class():
-    from xattn_video import XAttnProcessor, XAttnStats
-    from xattn_video.attention import _sparse_attention, _Timer
-    from xattn_video.config import XAttnConfig
-    from xattn_video.estimate import BlockSelection, estimate_blocks
-    from xattn_video.inputs import resolve_backend
+    from xattn_video import XAttnProcessor
+    from xattn_video.attention import PendingStats, _per_head_total, _sparse_attention, _Timer
+    from xattn_video.estimate import BlockSelection, checked_config, estimate_blocks
     from xattn_video.synthetic import random_block_selection
 
     class FixedDensityProcessor(XAttnProcessor):
@@ -276,28 +274,17 @@ def fixed_density_processor_class():
                 )
             return self._selections[key]
 
-        def sparse_attention(self, q, k, v):
-            n_blocks = math.ceil(q.shape[2] / self.block_size)
-            selection = self._selection(q, n_blocks)
-            backend = resolve_backend(self.backend, q.device)
+        def sparse_attention(self, q, k, v, out=None):
+            config = checked_config(q, k, v, self.config)
+            selection = self._selection(q, math.ceil(q.shape[2] / self.block_size))
             timer = _Timer(q.device, enabled=True)
-            estimate_blocks(q, k, XAttnConfig(self.threshold, self.stride, self.block_size, False, backend))
+            estimate_blocks(q, k, config)  # its result is replaced, its cost is kept
             timer.mark()
-            out = _sparse_attention(backend)(q, k, v, selection, block_size=self.block_size, causal=False, scale=None)
+            attend = _sparse_attention(config.backend)
+            out = attend(q, k, v, selection, block_size=self.block_size, causal=False, scale=None, out=out)
             timer.mark()
-            estimate_ms, attention_ms = timer.phases_ms()
-            kept = int(selection.kv_count.sum())
-            total = selection.mask.numel()
-            stats = XAttnStats(
-                density=kept / total,
-                density_per_head=selection.kv_count.sum(-1).float().cpu() / n_blocks**2,
-                kept_blocks=kept,
-                total_blocks=total,
-                estimate_ms=estimate_ms,
-                attention_ms=attention_ms,
-                backend=backend,
-            )
-            return out, stats
+            kept_per_head = selection.kv_count.sum(-1).float()
+            return out, PendingStats(kept_per_head, _per_head_total(selection, causal=False), timer, config.backend)
 
     return FixedDensityProcessor
 

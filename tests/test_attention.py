@@ -131,6 +131,21 @@ def test_transposed_views_are_accepted(device):
         assert torch.allclose(a, b, atol=1e-6), backend
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_receives_the_result_in_any_layout(backend, device):
+    """``out`` laid out [B, N, H, D] (what diffusers' output projection reads) gets the same numbers."""
+    q, k, v = video_like_qkv(frames=4, height=8, width=8, text_tokens=17, heads=3, head_dim=32, device=device)
+    params = dict(threshold=0.8, stride=8, block_size=32, backend=backend)
+    expected, stats = xattn_attention(q, k, v, **params, return_stats=True)
+    assert stats.density < 1
+    out = torch.full((q.shape[0], q.shape[2], q.shape[1], q.shape[3]), float("nan"), device=device).transpose(1, 2)
+    result = xattn_attention(q, k, v, **params, out=out)
+    assert result is out
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="out must have q's shape"):
+        xattn_attention(q, k, v, **params, out=out[:, :, 1:])
+
+
 # ---------------------------------------------------------------- bad input
 
 

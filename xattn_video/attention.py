@@ -71,6 +71,7 @@ class _Timer:
 
 
 def _sparse_attention(backend: str) -> Callable[..., torch.Tensor]:
+    """``attend(q, k, v, selection, *, block_size, causal, scale, out)`` for a resolved backend."""
     if backend == "triton":
         from .kernels.block_sparse_attention import block_sparse_attention_triton
 
@@ -81,20 +82,62 @@ def _sparse_attention(backend: str) -> Callable[..., torch.Tensor]:
     if backend == "flex":
         from .flex import flex_block_sparse_attention
 
-        return lambda q, k, v, sel, **kw: flex_block_sparse_attention(q, k, v, sel.mask, **kw)
-    return lambda q, k, v, sel, **kw: block_sparse_attention_torch(q, k, v, sel.mask, **kw)
+        return _copying_out(lambda q, k, v, sel, **kw: flex_block_sparse_attention(q, k, v, sel.mask, **kw))
+    return _copying_out(lambda q, k, v, sel, **kw: block_sparse_attention_torch(q, k, v, sel.mask, **kw))
+
+
+def _copying_out(attend: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A backend without an ``out`` argument: its result is copied into ``out`` when one is given."""
+
+    def run(q, k, v, sel, *, out=None, **kw):
+        result = attend(q, k, v, sel, **kw)
+        return result if out is None else out.copy_(result)
+
+    return run
 
 
 def selection_stats(selection: BlockSelection, *, causal: bool) -> tuple[torch.Tensor, int, int]:
-    """Per-head density [B, H] and the kept / visitable block totals of a selection."""
-    n_qb, n_kb = selection.mask.shape[-2:]
-    if causal:  # n_qb == n_kb: the lower triangle with the diagonal
-        per_head_total = n_qb * (n_qb + 1) // 2
-    else:
-        per_head_total = n_qb * n_kb
+    """Per-head density [B, H] (on the CPU) and the kept / visitable block totals of a selection."""
+    per_head_total = _per_head_total(selection, causal=causal)
     kept_per_head = selection.kv_count.sum(-1).float().cpu()
-    heads_total = kept_per_head.numel()
-    return kept_per_head / per_head_total, int(kept_per_head.sum()), per_head_total * heads_total
+    return kept_per_head / per_head_total, int(kept_per_head.sum()), per_head_total * kept_per_head.numel()
+
+
+def _per_head_total(selection: BlockSelection, *, causal: bool) -> int:
+    n_qb, n_kb = selection.mask.shape[-2:]
+    return n_qb * (n_qb + 1) // 2 if causal else n_qb * n_kb  # causal: n_qb == n_kb, lower triangle + diagonal
+
+
+@dataclass
+class PendingStats:
+    """The statistics of one call while its numbers still live on the device.
+
+    Reading them synchronises with the GPU, so code that runs many attention calls in a row (the diffusers
+    processor: 60 layers a step) keeps these and calls :meth:`resolve` once the forward is done.
+    """
+
+    kept_per_head: torch.Tensor  # float32 [B, H], on the inputs' device
+    per_head_total: int
+    timer: _Timer
+    backend: str
+
+    @property
+    def total_blocks(self) -> int:
+        return self.per_head_total * self.kept_per_head.numel()
+
+    def resolve(self) -> XAttnStats:
+        estimate_ms, attention_ms = self.timer.phases_ms()
+        kept_per_head = self.kept_per_head.cpu()
+        kept = int(kept_per_head.sum())
+        return XAttnStats(
+            density=kept / self.total_blocks,
+            density_per_head=kept_per_head / self.per_head_total,
+            kept_blocks=kept,
+            total_blocks=self.total_blocks,
+            estimate_ms=estimate_ms,
+            attention_ms=attention_ms,
+            backend=self.backend,
+        )
 
 
 def xattn_attention(
@@ -108,6 +151,7 @@ def xattn_attention(
     causal: bool = False,
     backend: str = "auto",
     scale: float | None = None,
+    out: torch.Tensor | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, XAttnStats]:
     """Block-sparse attention over the blocks XAttention's antidiagonal estimate keeps.
@@ -115,8 +159,9 @@ def xattn_attention(
     q [batch, heads, Nq, head_dim], k/v [batch, kv_heads, Nk, head_dim] (SDPA layout; heads a multiple of
     kv_heads), any token count, bfloat16/float16/float32. ``scale`` defaults to 1/sqrt(head_dim) and also
     scales the estimate's logits. Returns the output in q's shape and dtype, and with ``return_stats`` an
-    :class:`XAttnStats`. ``threshold=1.0`` keeps every block and equals
-    ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)`` up to rounding.
+    :class:`XAttnStats`. ``out`` (q's shape, dtype and device, any strides with a contiguous last dim) receives
+    the result in place (the Triton backend writes it directly) and is returned. ``threshold=1.0`` keeps every
+    block and equals ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)`` up to rounding.
 
     Backends: "triton" (this project's kernels; CUDA), "flex" (FlexAttention with a BlockMask), "torch"
     (reference, any device), "auto" (triton on CUDA, torch elsewhere). Asking for a backend that cannot
@@ -124,24 +169,43 @@ def xattn_attention(
     estimate is undefined); NaN in v propagates to the rows that attend to it, as in SDPA.
     """
     config = checked_config(q, k, v, XAttnConfig(threshold, stride, block_size, causal, backend))
+    result, pending = run_xattn(q, k, v, config, scale=scale, out=out, timed=return_stats)
+    return (result, pending.resolve()) if return_stats else result
 
-    timer = _Timer(q.device, enabled=return_stats)
+
+def run_xattn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: XAttnConfig,
+    *,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    timed: bool = True,
+) -> tuple[torch.Tensor, PendingStats | None]:
+    """:func:`xattn_attention` for a config already checked against the inputs (``checked_config``): the
+    output and, when ``timed``, :class:`PendingStats` that are read later, so the call itself never waits for
+    the GPU beyond the estimate's finiteness check."""
+    if out is not None:
+        _check_out(out, q)
+    timer = _Timer(q.device, enabled=timed)
     selection = estimate_blocks(q, k, config, scale=scale)
     timer.mark()
     attend = _sparse_attention(config.backend)
-    out = attend(q, k, v, selection, block_size=block_size, causal=causal, scale=scale)
+    result = attend(q, k, v, selection, block_size=config.block_size, causal=config.causal, scale=scale, out=out)
     timer.mark()
-    if not return_stats:
-        return out
-    estimate_ms, attention_ms = timer.phases_ms()
-    per_head, kept, total = selection_stats(selection, causal=causal)
-    stats = XAttnStats(
-        density=kept / total,
-        density_per_head=per_head,
-        kept_blocks=kept,
-        total_blocks=total,
-        estimate_ms=estimate_ms,
-        attention_ms=attention_ms,
-        backend=config.backend,
-    )
-    return out, stats
+    if not timed:
+        return result, None
+    kept_per_head = selection.kv_count.sum(-1).float()
+    pending = PendingStats(kept_per_head, _per_head_total(selection, causal=config.causal), timer, config.backend)
+    return result, pending
+
+
+def _check_out(out: torch.Tensor, q: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(
+            f"out must have q's shape {tuple(q.shape)}, dtype {q.dtype} and device {q.device} with a contiguous "
+            f"last dim; got shape {tuple(out.shape)}, {out.dtype} on {out.device}, strides {out.stride()}"
+        )
