@@ -24,6 +24,7 @@ from types import ModuleType
 # name -> module; kept in the order ``--help`` lists them
 COMMANDS: dict[str, str] = {
     "generate": "xattn_video.pipelines.generate",
+    "quality": "xattn_video.pipelines.quality",
 }
 
 EXIT_USAGE = 2
