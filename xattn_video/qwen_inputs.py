@@ -1,0 +1,325 @@
+"""Qwen2-VL video inputs: frame sampling, and a processor that runs without torchvision.
+
+Qwen2-VL's video processor in transformers 5 needs torchvision, which does not install beside every torch
+build (PyPI's torchvision cannot be imported beside torch 2.13 CPU). This module gives the same model inputs
+without it:
+
+- :func:`sample_frame_indices` / :func:`read_frames`: frames at ``fps`` frames per second of video, at most
+  ``max_frames`` (and at least ``min_frames``), a multiple of the temporal patch, spread evenly over the whole
+  video (the rule of the Qwen2-VL reference utilities: n = round(duration x fps), clamped, rounded down to a
+  multiple of 2; indices linspace(0, total - 1, n) rounded).
+- :func:`patchify_video`: what Qwen2-VL's video processor documents: each frame resized (bicubic) to the
+  ``smart_resize`` size (sides multiples of patch x merge, pixel count within [min_pixels, max_pixels],
+  aspect kept), rescaled to [0, 1], normalised with the CLIP mean and std; frames padded to a multiple of the
+  temporal patch by repeating the last; cut into patches ordered (t, h-block, w-block, h-in-merge,
+  w-in-merge) with features (channel, t-in-patch, y, x): ``pixel_values_videos`` [patches, 3 x 2 x 14 x 14]
+  and ``video_grid_thw`` [1, 3].
+- :class:`BuiltinQwenProcessor`: a tokenizer with Qwen2-VL's chat template plus :func:`patchify_video`; it
+  expands ``<|video_pad|>`` to one token per merged patch and marks video tokens in ``mm_token_type_ids``
+  (2), as ``Qwen2VLProcessor`` does.
+- :class:`RealQwenProcessor`: the model's own ``AutoProcessor`` (needs torchvision), same call.
+
+Resizing differs in rounding only: the builtin path resizes with PIL's bicubic filter (as transformers'
+PIL image processor for Qwen2-VL does, and tests check it equals that processor), the real video processor
+with torchvision's. Real-model runs use the real processor whenever torchvision imports.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "BuiltinQwenProcessor",
+    "QwenVideoGeometry",
+    "RealQwenProcessor",
+    "load_qwen_processor",
+    "patchify_video",
+    "read_frames",
+    "sample_frame_indices",
+]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+VIDEO_TOKEN = "<|video_pad|>"
+IMAGE_TOKEN = "<|image_pad|>"
+
+
+# ------------------------------------------------------------------------------------------------ frames
+
+
+def sample_frame_indices(total_frames: int, video_fps: float, *, fps: float, max_frames: int,
+                         min_frames: int = 4, factor: int = 2) -> list[int]:
+    """Indices of the frames to keep: about ``fps`` a second, within [min_frames, max_frames] (and the video's
+    frame count), a multiple of ``factor``, spread evenly from the first frame to the last."""
+    if total_frames < 1:
+        raise ValueError(f"the video holds no frame (total_frames={total_frames})")
+    if not video_fps > 0 or not fps > 0:
+        raise ValueError(f"fps must be > 0, got video fps {video_fps} and sampling fps {fps}")
+    if max_frames < factor:
+        raise ValueError(f"max_frames must be >= {factor} (the temporal patch), got {max_frames}")
+    n = round(total_frames / video_fps * fps)
+    n = min(max(n, min_frames), max_frames, max(total_frames, factor))
+    n = max(factor, n // factor * factor)
+    return [int(i) for i in np.linspace(0, total_frames - 1, n).round().astype(int)]
+
+
+def read_frames(path: str | os.PathLike, *, fps: float, max_frames: int, min_frames: int = 4,
+                factor: int = 2) -> tuple[np.ndarray, dict]:
+    """Decode the sampled frames of a video: uint8 [T, H, W, 3] and info (video fps, frame count, duration,
+    the kept indices and their times in seconds, the sampling rate actually obtained).
+
+    The frame count comes from the container (duration x fps); a stream that ends early repeats its last
+    decoded frame for the indices past its end. Raises FileNotFoundError / ValueError for a missing or
+    undecodable file.
+    """
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video {str(path)!r} does not exist")
+    try:
+        reader = imageio.get_reader(path, format="FFMPEG")
+    except Exception as e:  # imageio raises several types for unreadable files
+        raise ValueError(f"video {str(path)!r} cannot be opened: {e}") from None
+    try:
+        meta = reader.get_meta_data()
+        video_fps = float(meta.get("fps") or 0.0)
+        duration = float(meta.get("duration") or 0.0)
+        if not video_fps > 0 or not duration > 0:
+            raise ValueError(f"video {str(path)!r} has no usable fps/duration (fps={video_fps}, duration={duration})")
+        total = max(1, round(duration * video_fps))
+        indices = sample_frame_indices(total, video_fps, fps=fps, max_frames=max_frames, min_frames=min_frames,
+                                       factor=factor)
+        wanted, stop = set(indices), max(indices)
+        frames: dict[int, np.ndarray] = {}
+        last = None
+        try:
+            for position, frame in enumerate(reader):
+                last = frame
+                if position in wanted:
+                    frames[position] = np.asarray(frame)
+                if position >= stop:
+                    break
+        except (RuntimeError, OSError, IndexError) as e:
+            if last is None:
+                raise ValueError(f"video {str(path)!r} cannot be decoded: {e}") from None
+    finally:
+        reader.close()
+    if last is None:
+        raise ValueError(f"video {str(path)!r}: no frame could be decoded")
+    decoded = [frames.get(i) for i in indices]
+    filler = np.asarray(last)
+    out = np.stack([f if f is not None else filler for f in decoded])
+    info = {
+        "video_fps": video_fps,
+        "duration_s": duration,
+        "total_frames": total,
+        "indices": indices,
+        "times_s": [i / video_fps for i in indices],
+        "sampled_fps": len(indices) / duration,
+    }
+    return np.ascontiguousarray(out), info
+
+
+# ------------------------------------------------------------------------------------------------ pixels
+
+
+@dataclass(frozen=True)
+class QwenVideoGeometry:
+    """How Qwen2-VL cuts a video into patches (its video processor's settings; defaults: Qwen2-VL-7B's)."""
+
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 768 * 28 * 28
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    def frame_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) each frame is resized to."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        return smart_resize(height, width, factor=self.factor, min_pixels=self.min_pixels,
+                            max_pixels=self.max_pixels)
+
+    def tokens(self, grid_thw: Sequence[int]) -> int:
+        """LLM tokens of a video of this grid (one per merge x merge patches)."""
+        t, h, w = (int(x) for x in grid_thw)
+        return t * h * w // self.merge_size**2
+
+
+def patchify_video(frames: np.ndarray, geometry: QwenVideoGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pixel_values_videos`` float32 [patches, C x tp x p x p] and ``video_grid_thw`` int64 [1, 3] of one video
+    given as uint8 frames [T, H, W, 3] (see the module docstring for the exact layout)."""
+    from PIL import Image
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or frames.shape[0] == 0:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3] with T >= 1, got {frames.dtype} {frames.shape}")
+    height, width = geometry.frame_size(frames.shape[1], frames.shape[2])
+    mean = np.asarray(geometry.image_mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(geometry.image_std, dtype=np.float32)[:, None, None]
+    chw = []
+    for frame in frames:
+        resized = np.asarray(Image.fromarray(frame).resize((width, height), resample=Image.Resampling.BICUBIC))
+        scaled = (resized.astype(np.float64) * (1 / 255)).astype(np.float32).transpose(2, 0, 1)
+        chw.append((scaled - mean) / std)
+    video = np.stack(chw)  # [T, C, H, W]
+    tp, p, m = geometry.temporal_patch_size, geometry.patch_size, geometry.merge_size
+    if pad := -video.shape[0] % tp:
+        video = np.concatenate([video, np.repeat(video[-1:], pad, axis=0)])
+    t, c = video.shape[0] // tp, video.shape[1]
+    gh, gw = height // p, width // p
+    blocks = video.reshape(t, tp, c, gh // m, m, p, gw // m, m, p)
+    # -> (t, h-block, w-block, h-in-merge, w-in-merge, channel, t-in-patch, y, x)
+    blocks = blocks.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    pixel_values = np.ascontiguousarray(blocks.reshape(t * gh * gw, c * tp * p * p))
+    return torch.from_numpy(pixel_values), torch.tensor([[t, gh, gw]], dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------------------------------ processors
+
+
+def video_messages(text: str, system: str | None = None) -> list[dict]:
+    """A one-turn chat: the video first, then the text (Qwen2-VL's usual order)."""
+    messages: list[dict] = []
+    if system is not None:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]})
+    return messages
+
+
+class BuiltinQwenProcessor:
+    """Chat prompt plus video to Qwen2-VL model inputs, with this module's :func:`patchify_video`."""
+
+    kind = "builtin"
+
+    def __init__(self, tokenizer: Any, geometry: QwenVideoGeometry):
+        self.tokenizer = tokenizer
+        self.geometry = geometry
+        self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def __call__(self, prompt: str, frames: np.ndarray) -> dict[str, torch.Tensor]:
+        if prompt.count(VIDEO_TOKEN) != 1:
+            raise ValueError(f"the prompt must hold exactly one {VIDEO_TOKEN}, found {prompt.count(VIDEO_TOKEN)}")
+        pixel_values, grid = patchify_video(frames, self.geometry)
+        text = prompt.replace(VIDEO_TOKEN, VIDEO_TOKEN * self.geometry.tokens(grid[0]))
+        input_ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+        types = torch.zeros_like(input_ids, dtype=torch.int32)
+        types[input_ids == self.image_token_id] = 1
+        types[input_ids == self.video_token_id] = 2
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "mm_token_type_ids": types,
+            "pixel_values_videos": pixel_values,
+            "video_grid_thw": grid,
+        }
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+class RealQwenProcessor:
+    """The model's own processor (``AutoProcessor``; its video processor needs torchvision), same call.
+
+    Frames are sampled by :func:`read_frames` and handed over as they are (``do_sample_frames=False``);
+    ``size`` overrides the processor's pixel range when given.
+    """
+
+    kind = "real"
+
+    def __init__(self, processor: Any, size: dict | None = None):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.size = size
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def __call__(self, prompt: str, frames: np.ndarray) -> dict[str, torch.Tensor]:
+        extra = {"size": self.size} if self.size else {}
+        batch = self.processor(text=[prompt], videos=[frames], do_sample_frames=False, return_tensors="pt",
+                               **extra)
+        return dict(batch)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def _geometry_from_files(model_id: str, revision: str | None, min_pixels: int | None,
+                         max_pixels: int | None) -> QwenVideoGeometry:
+    """The video geometry a model folder or repo declares (video_preprocessor_config.json, else
+    preprocessor_config.json), with the given pixel range on top."""
+    import json
+
+    from transformers.utils import cached_file
+
+    found: dict = {}
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+        path = cached_file(model_id, name, revision=revision, _raise_exceptions_for_missing_entries=False)
+        if path:
+            found.update(json.loads(Path(path).read_text(encoding="utf-8")))
+    size = found.get("size") or {}
+    kw = {k: found[k] for k in ("patch_size", "temporal_patch_size", "merge_size") if k in found}
+    lo = min_pixels or found.get("min_pixels") or size.get("shortest_edge")
+    hi = max_pixels or found.get("max_pixels") or size.get("longest_edge")
+    if lo:
+        kw["min_pixels"] = int(lo)
+    if hi:
+        kw["max_pixels"] = int(hi)
+    for key, default in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+        kw[key] = tuple(found.get(key, default))
+    return QwenVideoGeometry(**kw)
+
+
+def torchvision_usable() -> bool:
+    """Whether torchvision imports here (transformers' Qwen2-VL video processor needs it)."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # a broken install raises RuntimeError, not only ImportError
+        return False
+    return True
+
+
+def load_qwen_processor(model_id: str, *, mode: str = "auto", revision: str | None = None,
+                        min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
+    """The processor of a real Qwen2-VL family checkpoint.
+
+    mode: ``real`` (the model's AutoProcessor; needs torchvision), ``builtin`` (its tokenizer and chat
+    template plus :func:`patchify_video` with the geometry its config files declare), ``auto`` (real when
+    torchvision imports, else builtin; the choice is reported by the caller through ``.kind``).
+    """
+    if mode not in ("auto", "real", "builtin"):
+        raise ValueError(f"processor mode must be one of ['auto', 'real', 'builtin'], got {mode!r}")
+    if mode == "real" or (mode == "auto" and torchvision_usable()):
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(model_id, revision=revision)
+        size = None
+        if min_pixels or max_pixels:
+            current = dict(getattr(processor.video_processor, "size", {}) or {})
+            size = {"shortest_edge": min_pixels or current.get("shortest_edge"),
+                    "longest_edge": max_pixels or current.get("longest_edge")}
+        return RealQwenProcessor(processor, size)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
+    return BuiltinQwenProcessor(tokenizer, _geometry_from_files(model_id, revision, min_pixels, max_pixels))
+
