@@ -25,6 +25,7 @@ from types import ModuleType
 COMMANDS: dict[str, str] = {
     "generate": "xattn_video.pipelines.generate",
     "quality": "xattn_video.pipelines.quality",
+    "attn-report": "xattn_video.pipelines.attn_report",
 }
 
 EXIT_USAGE = 2

@@ -124,7 +124,7 @@ def heatmap(
     """A matrix as a heatmap (rows on the y axis), values written in the cells when it is small enough."""
     matrix = np.asarray(matrix, dtype=np.float64)
     rows, cols = matrix.shape
-    plt, fig = _figure(min(2 + 0.45 * cols, 18), min(1.5 + 0.32 * rows, 20))
+    plt, fig = _figure(min(max(5.0, 2 + 0.45 * cols), 18), min(max(3.5, 1.5 + 0.32 * rows), 20))
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
     fig.colorbar(image, ax=ax, label=colorbar)
