@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "generate": "xattn_video.pipelines.generate",
     "quality": "xattn_video.pipelines.quality",
     "attn-report": "xattn_video.pipelines.attn_report",
+    "videomme": "xattn_video.pipelines.videomme",
 }
 
 EXIT_USAGE = 2
