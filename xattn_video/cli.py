@@ -25,6 +25,7 @@ from types import ModuleType
 COMMANDS: dict[str, str] = {
     "generate": "xattn_video.pipelines.generate",
     "quality": "xattn_video.pipelines.quality",
+    "vbench": "xattn_video.pipelines.vbench_eval",
     "attn-report": "xattn_video.pipelines.attn_report",
     "videomme": "xattn_video.pipelines.videomme",
 }
