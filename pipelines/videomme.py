@@ -321,7 +321,7 @@ def run_videomme(cfg: VideoMMEConfig, *, dry_run: bool = False) -> RunResult:
                     subs = subtitles_at(load_subtitles(srt), info["times_s"]) if srt.is_file() else []
                 text = build_question_text(q, cfg.prompt, subs)
                 prompt = processor.chat_prompt(video_messages(text, cfg.prompt["system"]))
-                inputs = processor(prompt, frames)
+                inputs = processor(prompt, frames, info)
             except Exception as e:  # a missing or broken video fails this question only
                 error = f"{type(e).__name__}: {e}"
                 for v in pending:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from xattn_video import transformers_attention as xta
 from xattn_video.qwen_inputs import video_messages
-from xattn_video.tiny_qwen import build_tiny_qwen2vl, build_tiny_qwen_processor, save_tiny_qwen
+from xattn_video.tiny_qwen import build_tiny_qwen2_5_vl, build_tiny_qwen2vl, build_tiny_qwen_processor, save_tiny_qwen
 
 SMALL = dict(block_size=16, stride=4, min_len=64)
 
@@ -213,3 +213,19 @@ def test_from_pretrained_with_xattn(tmp_path, tiny):
             model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert stats.xattn_calls == model.config.text_config.num_hidden_layers
     assert timing.prefill_ms > timing.vision_ms > 0
+
+
+def test_qwen2_5_vl_threshold_one_equals_sdpa_and_low_threshold_is_sparse():
+    model = build_tiny_qwen2_5_vl(0)
+    processor = build_tiny_qwen_processor(seconds_per_grid=True)
+    frames = np.random.default_rng(5).integers(0, 256, (32, 112, 112, 3), dtype=np.uint8)
+    inputs = processor(processor.chat_prompt(video_messages("Which colour?")), frames, {"sampled_fps": 2.0})
+    assert inputs["second_per_grid_ts"].tolist() == [1.0]
+    dense = _generate(model, inputs, "sdpa")
+    with xta.settings(threshold=1.0, **SMALL), xta.collect_stats() as exact:
+        same = _generate(model, inputs, "xattn")
+    assert torch.equal(dense.sequences, same.sequences)
+    assert exact.xattn_calls == 2 and exact.dense_calls["vision"] > 0  # windowed + full vision blocks: dense
+    with xta.settings(threshold=0.8, **SMALL), xta.collect_stats() as sparse:
+        _generate(model, inputs, "xattn")
+    assert sparse.density < 1.0

@@ -48,6 +48,7 @@ __all__ = [
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VIDEO_TOKEN = "<|video_pad|>"
+BUILTIN_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 IMAGE_TOKEN = "<|image_pad|>"
 
 
@@ -206,16 +207,19 @@ class BuiltinQwenProcessor:
 
     kind = "builtin"
 
-    def __init__(self, tokenizer: Any, geometry: QwenVideoGeometry):
+    def __init__(self, tokenizer: Any, geometry: QwenVideoGeometry, *, seconds_per_grid: bool = False):
         self.tokenizer = tokenizer
         self.geometry = geometry
+        self.seconds_per_grid = seconds_per_grid  # Qwen2.5-VL: time between temporal patches, for its M-RoPE
         self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def __call__(self, prompt: str, frames: np.ndarray) -> dict[str, torch.Tensor]:
+    def __call__(self, prompt: str, frames: np.ndarray, info: dict | None = None) -> dict[str, torch.Tensor]:
+        """Model inputs of one prompt holding one ``<|video_pad|>`` and its frames; ``info`` is
+        :func:`read_frames`' (its sampled_fps gives Qwen2.5-VL's ``second_per_grid_ts``)."""
         if prompt.count(VIDEO_TOKEN) != 1:
             raise ValueError(f"the prompt must hold exactly one {VIDEO_TOKEN}, found {prompt.count(VIDEO_TOKEN)}")
         pixel_values, grid = patchify_video(frames, self.geometry)
@@ -224,13 +228,18 @@ class BuiltinQwenProcessor:
         types = torch.zeros_like(input_ids, dtype=torch.int32)
         types[input_ids == self.image_token_id] = 1
         types[input_ids == self.video_token_id] = 2
-        return {
+        out = {
             "input_ids": input_ids,
             "attention_mask": torch.ones_like(input_ids),
             "mm_token_type_ids": types,
             "pixel_values_videos": pixel_values,
             "video_grid_thw": grid,
         }
+        if self.seconds_per_grid:
+            if not info or not info.get("sampled_fps"):
+                raise ValueError("Qwen2.5-VL inputs need the sampling rate: pass read_frames' info")
+            out["second_per_grid_ts"] = torch.tensor([self.geometry.temporal_patch_size / info["sampled_fps"]])
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -253,11 +262,21 @@ class RealQwenProcessor:
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def __call__(self, prompt: str, frames: np.ndarray) -> dict[str, torch.Tensor]:
-        extra = {"size": self.size} if self.size else {}
-        batch = self.processor(text=[prompt], videos=[frames], do_sample_frames=False, return_tensors="pt",
-                               **extra)
-        return dict(batch)
+    def __call__(self, prompt: str, frames: np.ndarray, info: dict | None = None) -> dict[str, torch.Tensor]:
+        from transformers.video_utils import VideoMetadata
+
+        videos_kwargs: dict[str, Any] = {"do_sample_frames": False}
+        if self.size:
+            videos_kwargs["size"] = self.size
+        valid = getattr(getattr(self.processor.video_processor, "valid_kwargs", None), "__annotations__", {})
+        if "cap_pixels_per_frame" in valid:  # transformers 5.2x: keep the per-frame range, as the builtin path
+            videos_kwargs["cap_pixels_per_frame"] = False
+        if info:  # the frames' real rate: Qwen2.5-VL's temporal M-RoPE spacing comes from it
+            videos_kwargs["video_metadata"] = [VideoMetadata(
+                total_num_frames=info["total_frames"], fps=info["video_fps"], duration=info["duration_s"],
+                frames_indices=list(info["indices"]), height=frames.shape[1], width=frames.shape[2])]
+        batch = self.processor(text=[prompt], videos=[frames], return_tensors="pt", videos_kwargs=videos_kwargs)
+        return {k: v for k, v in batch.items() if k != "video_metadata"}
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -318,8 +337,13 @@ def load_qwen_processor(model_id: str, *, mode: str = "auto", revision: str | No
             size = {"shortest_edge": min_pixels or current.get("shortest_edge"),
                     "longest_edge": max_pixels or current.get("longest_edge")}
         return RealQwenProcessor(processor, size)
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
-    return BuiltinQwenProcessor(tokenizer, _geometry_from_files(model_id, revision, min_pixels, max_pixels))
+    model_type = AutoConfig.from_pretrained(model_id, revision=revision).model_type
+    if model_type not in BUILTIN_MODEL_TYPES:
+        raise ValueError(f"the builtin processor knows the video inputs of {list(BUILTIN_MODEL_TYPES)}, not "
+                         f"{model_type!r}: use the model's own processor (mode 'real', needs torchvision)")
+    return BuiltinQwenProcessor(tokenizer, _geometry_from_files(model_id, revision, min_pixels, max_pixels),
+                                seconds_per_grid=model_type == "qwen2_5_vl")
 

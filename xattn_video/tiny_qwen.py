@@ -24,6 +24,7 @@ import json
 import os
 import string
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -34,10 +35,12 @@ from .qwen_inputs import BuiltinQwenProcessor, QwenVideoGeometry
 __all__ = [
     "SPECIAL_TOKENS",
     "TINY_GEOMETRY",
+    "build_tiny_qwen2_5_vl",
     "build_tiny_qwen2vl",
     "build_tiny_qwen_processor",
     "build_tiny_qwen_tokenizer",
     "save_tiny_qwen",
+    "tiny_qwen2_5_vl_config",
     "tiny_qwen2vl_config",
 ]
 
@@ -161,9 +164,48 @@ def build_tiny_qwen2vl(seed: int = 0, *, attn_implementation: str = "sdpa",
     return model.to(dtype).eval()
 
 
-def build_tiny_qwen_processor(geometry: QwenVideoGeometry = TINY_GEOMETRY) -> BuiltinQwenProcessor:
-    """The tiny tokenizer with the builtin video processor at ``geometry``."""
-    return BuiltinQwenProcessor(build_tiny_qwen_tokenizer(), geometry)
+def tiny_qwen2_5_vl_config():
+    """A tiny Qwen2.5-VL config: the same language model as :func:`tiny_qwen2vl_config`, and Qwen2.5-VL's
+    vision tower (windowed attention in block 0, full attention in block 1)."""
+    from transformers import Qwen2_5_VLConfig
+
+    base = tiny_qwen2vl_config()
+    text = base.text_config.to_dict()
+    text = {k: text[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                 "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                 "rope_parameters", "initializer_range", "bos_token_id", "eos_token_id",
+                                 "pad_token_id")}
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
+                           window_size=56, fullatt_block_indexes=[1], patch_size=TINY_GEOMETRY.patch_size,
+                           spatial_merge_size=TINY_GEOMETRY.merge_size,
+                           temporal_patch_size=TINY_GEOMETRY.temporal_patch_size, initializer_range=INIT_STD),
+        image_token_id=base.image_token_id, video_token_id=base.video_token_id,
+        vision_start_token_id=base.vision_start_token_id, vision_end_token_id=base.vision_end_token_id,
+    )
+
+
+def build_tiny_qwen2_5_vl(seed: int = 0, *, attn_implementation: str = "sdpa") -> Any:
+    """A tiny random Qwen2.5-VL in eval mode, float32 (its inputs also need ``second_per_grid_ts``: use
+    ``build_tiny_qwen_processor(seconds_per_grid=True)``)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    if attn_implementation == "xattn":
+        from .transformers_attention import register
+
+        register()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_qwen2_5_vl_config(),
+                                                                attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def build_tiny_qwen_processor(geometry: QwenVideoGeometry = TINY_GEOMETRY, *,
+                              seconds_per_grid: bool = False) -> BuiltinQwenProcessor:
+    """The tiny tokenizer with the builtin video processor at ``geometry`` (``seconds_per_grid``: Qwen2.5-VL)."""
+    return BuiltinQwenProcessor(build_tiny_qwen_tokenizer(), geometry, seconds_per_grid=seconds_per_grid)
 
 
 def save_tiny_qwen(folder: str | os.PathLike, seed: int = 0) -> Path:
