@@ -19,11 +19,15 @@ Which attention runs where (each call is counted in :class:`AttentionStats` with
   decoding steps and prefills against a non-empty cache (queries fewer than keys: ``"decode"``,
   ``"cached_prefill"``), prefills shorter than ``min_len`` (``"short"``), calls with a mask (``"mask"``: a
   padded batch, packed sequences or a sliding window; a padded batch therefore runs dense, exactly), dropout
-  in training (``"dropout"``);
+  in training (``"dropout"``), a position bias or logit soft-capping (``"bias"``);
 - non-causal calls (the vision tower of Qwen2-VL calls the registry once per image or per pair of frames,
-  without a mask): dense SDPA by default (``"vision"``). Those chunks are at most a few thousand patches
-  (768 merged tokens x 4 at Qwen2-VL's default pixel cap), too short for the estimate to pay for itself; with
-  ``vision="xattn"`` chunks of at least ``min_len`` tokens run non-causal XAttention.
+  without a mask; Qwen2.5-VL once per window): dense SDPA by default (``"vision"``). Those chunks are at most
+  a few thousand patches (768 merged tokens x 4 at Qwen2-VL's default pixel cap), too short for the estimate
+  to pay for itself; with ``vision="xattn"`` chunks of at least ``min_len`` tokens run non-causal XAttention
+  (shorter ones: ``"vision_short"``; cross-attention, queries and keys of other lengths: ``"cross"``).
+
+A static cache (``cache_implementation="static"``) hands the prefill keys of the cache's full length, so
+the prefill runs dense (``"cached_prefill"``): use the default dynamic cache.
 
 The mask: transformers builds masks only for implementations registered in its ``AttentionMaskInterface``;
 for any other name it passes no mask at all, which would silently drop padding. :func:`register` therefore
