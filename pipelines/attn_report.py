@@ -51,11 +51,15 @@ class _Acc:
     calls: int = 0
 
     def add(self, density_per_head, out, ref) -> None:
+        """Add one call: per-head densities [B, H] and outputs [B, H, N, D]. Sums of squares are taken one head
+        at a time in float32 with float64 accumulation, so a 119k-token layer needs no float64 copy."""
         import torch
 
-        diff = out.detach().to(torch.float64) - ref.detach().to(torch.float64)
-        err2 = diff.pow(2).sum(dim=(0, 2, 3)).cpu()
-        ref2 = ref.detach().to(torch.float64).pow(2).sum(dim=(0, 2, 3)).cpu()
+        sums = []
+        for h in range(out.shape[1]):
+            o, r = out[:, h].detach().float(), ref[:, h].detach().float()
+            sums.append(torch.stack([(o - r).pow(2).sum(dtype=torch.float64), r.pow(2).sum(dtype=torch.float64)]))
+        err2, ref2 = torch.stack(sums).cpu().unbind(dim=1)  # one device-to-host copy per call
         dens = density_per_head.detach().to(torch.float64).cpu().sum(dim=0)
         if self.err2 is None:
             self.err2, self.ref2, self.density = err2, ref2, dens

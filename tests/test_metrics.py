@@ -70,6 +70,7 @@ def test_ssim_identical_is_one_and_chunking_does_not_matter():
     np.testing.assert_allclose(ssim_per_frame(ref, ref), 1.0, atol=1e-12)
     cand = perturbed(ref, 7, 10.0)
     np.testing.assert_allclose(ssim_per_frame(ref, cand, chunk=2), ssim_per_frame(ref, cand, chunk=8), rtol=1e-12)
+    np.testing.assert_allclose(metrics.mse_per_frame(ref, cand, chunk=1), metrics.mse_per_frame(ref, cand), rtol=1e-12)
 
 
 def test_shape_mismatch_and_tiny_frames_raise():

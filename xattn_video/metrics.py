@@ -56,41 +56,53 @@ SSIM_K2 = 0.03
 # ---------------------------------------------------------------------------------------------- frames
 
 
+def _raw(frames: Any) -> torch.Tensor:
+    """Frames [T, H, W, 3] as a CPU tensor without copying or converting (numpy arrays are shared)."""
+    t = frames.detach() if isinstance(frames, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(frames))
+    if t.ndim != 4 or t.shape[-1] != 3:
+        raise ValueError(f"frames must be [T, H, W, 3], got shape {tuple(t.shape)}")
+    if t.dtype != torch.uint8 and not t.is_floating_point():
+        raise ValueError(f"frames must be uint8 or float in [0, 1], got dtype {t.dtype}")
+    return t
+
+
+def _scaled(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    """Raw frames [n, H, W, 3] as [n, 3, H, W] on the 0..255 scale in ``dtype`` on ``device``."""
+    out = t.to(device=device, dtype=dtype)
+    if t.dtype != torch.uint8:
+        out = out * DATA_RANGE
+    return out.permute(0, 3, 1, 2)
+
+
 def frames_to_tensor(frames: Any, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> (
     torch.Tensor
 ):
     """Frames [T, H, W, 3] (uint8, or float in [0, 1]; numpy or torch) as a tensor [T, 3, H, W] on the 0..255
     scale."""
-    if isinstance(frames, torch.Tensor):
-        t = frames.detach()
-    else:
-        t = torch.from_numpy(np.ascontiguousarray(frames))
-    if t.ndim != 4 or t.shape[-1] != 3:
-        raise ValueError(f"frames must be [T, H, W, 3], got shape {tuple(t.shape)}")
-    if t.dtype == torch.uint8:
-        t = t.to(device=device, dtype=dtype)
-    elif t.is_floating_point():
-        t = t.to(device=device, dtype=dtype) * DATA_RANGE
-    else:
-        raise ValueError(f"frames must be uint8 or float in [0, 1], got dtype {t.dtype}")
-    return t.permute(0, 3, 1, 2)
+    return _scaled(_raw(frames), device, dtype)
 
 
-def _pair(reference: Any, candidate: Any, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    ref = frames_to_tensor(reference, device, dtype)
-    cand = frames_to_tensor(candidate, device, dtype)
+def _pair_chunks(
+    reference: Any, candidate: Any, device, dtype, chunk: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Matching slices of ``chunk`` frames of both videos, converted one slice at a time (a 720p video of 129
+    frames is 2.9 GB in float64: converting it whole would hold several such copies at once)."""
+    ref, cand = _raw(reference), _raw(candidate)
     if ref.shape != cand.shape:
         raise ValueError(
             f"reference and candidate differ in shape: {_describe(ref)} vs {_describe(cand)} (frames x height x width)"
         )
-    return ref, cand
+    for part in _chunks(ref.shape[0], chunk):
+        yield _scaled(ref[part], device, dtype), _scaled(cand[part], device, dtype)
 
 
 def _describe(t: torch.Tensor) -> str:
-    return f"{t.shape[0]} x {t.shape[2]} x {t.shape[3]}"
+    return f"{t.shape[0]} x {t.shape[1]} x {t.shape[2]}"
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
+    if size < 1:
+        raise ValueError(f"chunk must be >= 1, got {size}")
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
 
@@ -98,10 +110,13 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
 # ---------------------------------------------------------------------------------------------- PSNR
 
 
-def mse_per_frame(reference: Any, candidate: Any, *, device: str | torch.device = "cpu") -> np.ndarray:
+def mse_per_frame(reference: Any, candidate: Any, *, device: str | torch.device = "cpu", chunk: int = 8) -> (
+    np.ndarray
+):
     """Mean squared error of each frame on the 0..255 scale (float64 [T])."""
-    ref, cand = _pair(reference, candidate, device, torch.float64)
-    return ((ref - cand) ** 2).mean(dim=(1, 2, 3)).cpu().numpy()
+    parts = [((x - y) ** 2).mean(dim=(1, 2, 3)) for x, y in _pair_chunks(reference, candidate, device,
+                                                                          torch.float64, chunk)]
+    return torch.cat(parts).cpu().numpy()
 
 
 def psnr_from_mse(mse: np.ndarray | float, data_range: float = DATA_RANGE) -> np.ndarray:
@@ -149,16 +164,14 @@ def ssim_per_frame(
 
     Frames are processed ``chunk`` at a time so that 720p videos of 129 frames fit in memory.
     """
-    ref, cand = _pair(reference, candidate, device, dtype)
-    h, w = ref.shape[-2:]
+    h, w = _raw(reference).shape[1:3]
     if h < SSIM_WINDOW or w < SSIM_WINDOW:
         raise ValueError(f"SSIM needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {h}x{w}")
-    g = _gaussian_1d(SSIM_WINDOW, SSIM_SIGMA, ref.device, dtype)
+    g = _gaussian_1d(SSIM_WINDOW, SSIM_SIGMA, device, dtype)
     c1 = (SSIM_K1 * DATA_RANGE) ** 2
     c2 = (SSIM_K2 * DATA_RANGE) ** 2
     out = []
-    for part in _chunks(ref.shape[0], chunk):
-        x, y = ref[part], cand[part]
+    for x, y in _pair_chunks(reference, candidate, device, dtype, chunk):
         mu_x, mu_y = _blur(x, g), _blur(y, g)
         var_x = _blur(x * x, g) - mu_x**2
         var_y = _blur(y * y, g) - mu_y**2
@@ -343,10 +356,8 @@ class LPIPS(torch.nn.Module):
     @torch.no_grad()
     def per_frame(self, reference: Any, candidate: Any, *, chunk: int = 8) -> np.ndarray:
         """LPIPS of each frame pair (float64 [T]) for frames [T, H, W, 3] (uint8 or float in [0, 1])."""
-        device = self.shift.device
-        ref, cand = _pair(reference, candidate, device, torch.float32)
         out = []
-        for part in _chunks(ref.shape[0], chunk):
-            out.append(self(ref[part] / 127.5 - 1.0, cand[part] / 127.5 - 1.0))
+        for x, y in _pair_chunks(reference, candidate, self.shift.device, torch.float32, chunk):
+            out.append(self(x / 127.5 - 1.0, y / 127.5 - 1.0))
         return torch.cat(out).double().cpu().numpy()
 
