@@ -311,8 +311,10 @@ def run_quality(
                 try:
                     key = pair_key(ref_videos[name], cand_path, lpips_id)
                     cached = _read_cache(cache, key)
+                    info = {"generation": generation_info(p.folder, name),
+                            "reference_generation": generation_info(reference, name)}
                     if cached is not None and (not opts.plots or opts.strip_frames == 0 or strip.is_file()):
-                        per_candidate[p.name][name] = cached
+                        per_candidate[p.name][name] = {**cached, **info}
                         bar.update(1)
                         continue
                     if ref_frames is None and ref_error is None:
@@ -338,7 +340,7 @@ def run_quality(
                                   f"SSIM {result['ssim']:.4f}",
                             labels=("reference", p.name)))
                     write_json_atomic(cache, result, tmp_dir=partial)
-                    per_candidate[p.name][name] = result
+                    per_candidate[p.name][name] = {**result, **info}
                 except QualityError as e:
                     per_candidate[p.name][name] = {"reference": str(ref_videos[name]), "candidate": str(cand_path),
                                                    "error": str(e)}
@@ -360,7 +362,31 @@ def run_quality(
             if curves:
                 plots.append(plotting.psnr_curves(output / "plots" / p.name / "psnr_per_frame.png", curves,
                                                   title=f"per-frame PSNR of {p.name} against {reference.name}"))
+        means = mean_psnr_curves(per_candidate)
+        if means:
+            plots.append(plotting.psnr_curves(output / "plots" / "psnr_per_frame_candidates.png", means,
+                                              title=f"per-frame PSNR against {reference.name}, mean over videos",
+                                              mean_label=None))
     return QualityResult(report, failures, json_path, md_path, plots)
+
+
+def mean_psnr_curves(per_candidate: dict[str, dict[str, dict]]) -> dict[str, list[float]]:
+    """Per candidate, the per-frame PSNR averaged over its videos (those of the most common frame count);
+    infinite frames count as :data:`xattn_video.plots.PSNR_CAP_DB`, as drawn."""
+    from collections import Counter
+
+    from xattn_video.plots import PSNR_CAP_DB
+
+    out = {}
+    for name, videos in per_candidate.items():
+        curves = [[min(_from_json_number(x), PSNR_CAP_DB) for x in r["psnr_per_frame"]]
+                  for r in videos.values() if "error" not in r]
+        if not curves:
+            continue
+        length = Counter(len(c) for c in curves).most_common(1)[0][0]
+        same = [c for c in curves if len(c) == length]
+        out[name] = [sum(col) / len(same) for col in zip(*same, strict=True)]
+    return out
 
 
 def _read_cache(path: Path, key: str) -> dict | None:
@@ -369,6 +395,22 @@ def _read_cache(path: Path, key: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and data.get("key") == key and "error" not in data else None
+
+
+def generation_info(folder: Path, name: str) -> dict | None:
+    """What `generate` recorded about a video in its sidecar (<run>/meta/<variant>/<name>.json): attention
+    settings, block density over all steps and over the sparse steps, mean denoising step time. None when
+    the video has no sidecar (a folder not made by `generate`)."""
+    try:
+        data = json.loads((folder.parent / "meta" / folder.name / f"{name}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    stats = data.get("attention_stats") or {}
+    timing = data.get("timing") or {}
+    return {"attention": data.get("attention"), "density": stats.get("density"),
+            "sparse_density": stats.get("sparse_density"), "mean_step_s": timing.get("mean_step_s")}
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -384,8 +426,19 @@ def build_report(reference: Path, pairings: list[Pairing], per_candidate: dict, 
         videos = per_candidate[p.name]
         ok = [r for r in videos.values() if "error" not in r]
         psnrs = [_from_json_number(r["psnr"]) for r in ok]
+        gen = [r.get("generation") or {} for r in ok]
+        ref_gen = [r.get("reference_generation") or {} for r in ok]
+        cand_step = _mean([g.get("mean_step_s") for g in gen])
+        ref_step = _mean([g.get("mean_step_s") for g in ref_gen])
         candidates[p.name] = {
             "folder": str(p.folder),
+            "generation": {  # from generate's sidecars, when the folders come from it
+                "density": _mean([g.get("density") for g in gen]),
+                "sparse_density": _mean([g.get("sparse_density") for g in gen]),
+                "mean_step_s": cand_step,
+                "reference_mean_step_s": ref_step,
+                "step_speedup": ref_step / cand_step if ref_step and cand_step else None,
+            },
             "compared": len(ok),
             "failed": len(videos) - len(ok),
             "only_in_reference": p.only_reference,
@@ -426,20 +479,24 @@ def markdown_report(report: dict) -> str:
     lines = [f"# Quality against `{report['reference']}`", ""]
     if not lp.get("available"):
         lines += [f"LPIPS: not available ({lp.get('reason')}).", ""]
-    lines += ["| candidate | videos | failed | PSNR (dB) | SSIM | LPIPS |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["| candidate | videos | failed | density (sparse steps) | step speed-up | PSNR (dB) | SSIM | LPIPS |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, c in report["candidates"].items():
-        m = c["mean"]
-        lines.append(f"| {name} | {c['compared']} | {c['failed']} | {_fmt(_from_json_number(m['psnr']), '.2f')} | "
-                     f"{_fmt(m['ssim'], '.4f')} | {_fmt(m['lpips'], '.4f')} |")
+        m, g = c["mean"], c["generation"]
+        speed = _fmt(g["step_speedup"], ".2f") + ("x" if g["step_speedup"] else "")
+        lines.append(f"| {name} | {c['compared']} | {c['failed']} | {_fmt(g['sparse_density'], '.3f')} | {speed} | "
+                     f"{_fmt(_from_json_number(m['psnr']), '.2f')} | {_fmt(m['ssim'], '.4f')} | "
+                     f"{_fmt(m['lpips'], '.4f')} |")
     for name, c in report["candidates"].items():
-        lines += ["", f"## {name}", "", "| video | frames | size | PSNR (dB) | min frame PSNR | SSIM | LPIPS |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", f"## {name}", "", "| video | frames | size | density (sparse steps) | PSNR (dB) | min frame PSNR "
+                  "| SSIM | LPIPS |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for video, r in c["videos"].items():
             if "error" in r:
-                lines.append(f"| {video} | | | error: {r['error']} | | | |")
+                lines.append(f"| {video} | | | | error: {r['error']} | | | |")
                 continue
             frame_psnr = [_from_json_number(x) for x in r["psnr_per_frame"]]
-            lines.append(f"| {video} | {r['frames']} | {r['width']}x{r['height']} | "
+            density = (r.get("generation") or {}).get("sparse_density")
+            lines.append(f"| {video} | {r['frames']} | {r['width']}x{r['height']} | {_fmt(density, '.3f')} | "
                          f"{_fmt(_from_json_number(r['psnr']), '.2f')} | {_fmt(min(frame_psnr), '.2f')} | "
                          f"{r['ssim']:.4f} | {_fmt(r['lpips'], '.4f')} |")
         for side, names in (("reference", c["only_in_reference"]), ("candidate", c["only_in_candidate"])):
@@ -451,17 +508,19 @@ def markdown_report(report: dict) -> str:
 
 def summary_table(report: dict) -> str:
     """The lines printed at the end of a run."""
-    header = ["candidate", "videos", "failed", "PSNR dB", "SSIM", "LPIPS"]
+    header = ["candidate", "videos", "failed", "density", "speed-up", "PSNR dB", "SSIM", "LPIPS"]
     rows = [header]
     for name, c in report["candidates"].items():
-        m = c["mean"]
-        rows.append([name, str(c["compared"]), str(c["failed"]), _fmt(_from_json_number(m["psnr"]), ".2f"),
+        m, g = c["mean"], c["generation"]
+        rows.append([name, str(c["compared"]), str(c["failed"]), _fmt(g["sparse_density"], ".3f"),
+                     _fmt(g["step_speedup"], ".2f"), _fmt(_from_json_number(m["psnr"]), ".2f"),
                      _fmt(m["ssim"], ".4f"), _fmt(m["lpips"], ".4f")])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
             for r in rows]
     text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join([f"against {report['reference']} (means over videos)", *text])
+    note = "means over videos; density (sparse steps) and step speed-up from generate's sidecars, when present"
+    return "\n".join([f"against {report['reference']} ({note})", *text])
 
 
 # ----------------------------------------------------------------------------------------------------- CLI

@@ -84,7 +84,9 @@ def test_metrics_of_each_pair_equal_independent_computations(tmp_path, no_lpips,
     assert "xattn" in captured.out and f"{np.mean(psnrs):.2f}" in captured.out
     import imageio.v2 as imageio
 
-    for png in [out / "plots" / "xattn" / "psnr_per_frame.png", *(out / "plots" / "xattn" / f"{n}.png" for n in NAMES)]:
+    pngs = [out / "plots" / "psnr_per_frame_candidates.png", out / "plots" / "xattn" / "psnr_per_frame.png",
+            *(out / "plots" / "xattn" / f"{n}.png" for n in NAMES)]
+    for png in pngs:
         image = imageio.imread(png)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, png
 
@@ -111,8 +113,25 @@ def test_lpips_with_local_weights_and_identical_videos(tmp_path):
     same = report["candidates"]["same"]["videos"][NAMES[0]]
     assert same["psnr"] == "inf" and set(same["psnr_per_frame"]) == {"inf"}
     assert same["ssim"] == pytest.approx(1.0) and same["lpips"] == pytest.approx(0.0, abs=1e-9)
-    assert "| same | 1 | 0 | inf | 1.0000 | 0.0000 |" in (run / "quality" / "quality.md").read_text()
+    assert "| same | 1 | 0 | n/a | n/a | inf | 1.0000 | 0.0000 |" in (run / "quality" / "quality.md").read_text()
     assert not (run / "quality" / "plots").exists()
+
+
+def test_density_and_speed_from_generate_sidecars(tmp_path, no_lpips, capsys):
+    run = make_run(tmp_path / "run")
+    for variant, density, step in (("dense", 1.0, 0.4), ("xattn", 0.3, 0.2)):
+        for i, name in enumerate(NAMES):
+            sidecar = {"prompt": name, "attention": {"mode": variant},
+                       "attention_stats": {"density": density, "sparse_density": density - 0.1 * i},
+                       "timing": {"mean_step_s": step * (1 + i)}}
+            (run / "meta" / variant).mkdir(parents=True, exist_ok=True)
+            (run / "meta" / variant / f"{name}.json").write_text(json.dumps(sidecar))
+    assert cli.main(["quality", str(run), "--no-plots"]) == 0
+    report = json.loads((run / "quality" / "quality.json").read_text())["candidates"]["xattn"]
+    assert report["generation"]["sparse_density"] == pytest.approx(0.25)
+    assert report["generation"]["step_speedup"] == pytest.approx((0.4 + 0.8) / (0.2 + 0.4))
+    assert report["videos"][NAMES[1]]["generation"]["sparse_density"] == pytest.approx(0.2)
+    assert "| xattn | 2 | 0 | 0.250 | 2.00x |" in (run / "quality" / "quality.md").read_text()
 
 
 def test_rerun_reuses_finished_pairs_and_redoes_changed_files(tmp_path, no_lpips, monkeypatch):

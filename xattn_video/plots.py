@@ -39,9 +39,16 @@ def _save(fig: Any, plt: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def psnr_curves(path: str | os.PathLike, curves: Mapping[str, Sequence[float]], *, title: str) -> Path:
-    """Per-frame PSNR, one line per video (and their mean in black when there are several of one length).
-    Infinite values (identical frames) are drawn at :data:`PSNR_CAP_DB` and said so in the legend."""
+def psnr_curves(
+    path: str | os.PathLike,
+    curves: Mapping[str, Sequence[float]],
+    *,
+    title: str,
+    mean_label: str | None = "mean over videos",
+) -> Path:
+    """Per-frame PSNR, one line per video, and their mean in black (``mean_label``; None: no mean line) when
+    there are several of one length. Infinite values (identical frames) are drawn at :data:`PSNR_CAP_DB` and
+    the title says so."""
     plt, fig = _figure(8, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     capped = False
@@ -52,12 +59,13 @@ def psnr_curves(path: str | os.PathLike, curves: Mapping[str, Sequence[float]], 
             capped = True
             arr = np.where(np.isinf(arr), PSNR_CAP_DB, arr)
         arrays[label] = arr
-        ax.plot(np.arange(len(arr)), arr, lw=1.0, alpha=0.55 if len(curves) > 1 else 1.0,
+        faint = len(curves) > 1 and mean_label is not None
+        ax.plot(np.arange(len(arr)), arr, lw=1.0 if faint else 1.8, alpha=0.55 if faint else 1.0,
                 label=label if len(curves) <= 12 else None)
     lengths = {len(a) for a in arrays.values()}
-    if len(arrays) > 1 and len(lengths) == 1:
+    if mean_label is not None and len(arrays) > 1 and len(lengths) == 1:
         ax.plot(np.arange(lengths.pop()), np.mean(list(arrays.values()), axis=0), color="black", lw=2.2,
-                label="mean over videos")
+                label=mean_label)
     ax.set_xlabel("frame")
     ax.set_ylabel("PSNR (dB)")
     ax.set_title(title + (f"\n(identical frames drawn at {PSNR_CAP_DB:.0f} dB)" if capped else ""))
