@@ -312,11 +312,16 @@ def run_videomme(cfg: VideoMMEConfig, *, dry_run: bool = False) -> RunResult:
         result.processor = processor.kind
         bar = tqdm(total=len(todo), desc="questions", unit="q", disable=not _show_progress(cfg.progress),
                    dynamic_ncols=True)
+        cached = None  # (video path, frames, info) of the last video read
         for position, q in enumerate(todo):
             pending = [v for v in cfg.variants if q.question_id not in done[v.name]]
             try:
-                frames, info = read_frames(find_video(videos_dir, q.video), fps=cfg.video["fps"],
-                                           max_frames=cfg.video["max_frames"], min_frames=cfg.video["min_frames"])
+                video_path = find_video(videos_dir, q.video)
+                if cached is None or cached[0] != video_path:  # Video-MME asks 3 questions a video, in a row
+                    cached = (video_path, *read_frames(video_path, fps=cfg.video["fps"],
+                                                       max_frames=cfg.video["max_frames"],
+                                                       min_frames=cfg.video["min_frames"]))
+                _, frames, info = cached
                 subs: list[str] = []
                 if subtitles_dir is not None:
                     srt = subtitles_dir / f"{q.video}.srt"
@@ -332,7 +337,8 @@ def run_videomme(cfg: VideoMMEConfig, *, dry_run: bool = False) -> RunResult:
                 bar.update(1)
                 continue
             grid = inputs["video_grid_thw"][0].tolist()
-            common = {**q.fields(), "frames": len(info["indices"]), "sampled_fps": info["sampled_fps"],
+            common = {**q.fields(), "frames": len(info["indices"]), "frames_missing": info["missing"],
+                      "sampled_fps": info["sampled_fps"],
                       "video_grid_thw": grid, "prompt_tokens": int(inputs["input_ids"].shape[1]),
                       "subtitle_lines": len(subs), "processor": processor.kind}
             # alternate the variants' order question by question, so neither always runs on a cold cache

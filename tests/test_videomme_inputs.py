@@ -34,20 +34,26 @@ def test_frame_sampling_rate_cap_and_spread():
         sample_frame_indices(100, 30.0, fps=1.0, max_frames=1)
 
 
-def test_read_frames_decodes_the_sampled_frames(tmp_path):
-    frames = np.zeros((40, 64, 64, 3), dtype=np.uint8)
-    frames[:, :, :, 0] = np.arange(40)[:, None, None] * 6  # red level tells the frame index
-    path = write_video(tmp_path / "v.mp4", frames, fps=10, crf=0)
-    got, info = read_frames(path, fps=2.0, max_frames=100)
-    assert info["indices"] == sample_frame_indices(40, 10.0, fps=2.0, max_frames=100)
-    assert got.shape == (8, 64, 64, 3)
-    red = got[:, 32, 32, 0].astype(int)
-    assert np.abs(red - np.array(info["indices"]) * 6).max() <= 6
-    assert info["times_s"][1] == pytest.approx(info["indices"][1] / 10.0)
+def test_read_frames_decodes_exactly_the_sampled_frames(tmp_path):
+    # the frame number in two grey levels (lossless H.264, steps far above YUV rounding): each decoded frame
+    # tells exactly which one ffmpeg handed over
+    idx = np.arange(250)
+    frames = np.zeros((250, 32, 48, 3), dtype=np.uint8)
+    frames[:, :, :24] = ((idx % 64) * 4)[:, None, None, None]
+    frames[:, :, 24:] = ((idx // 64) * 40)[:, None, None, None]
+    path = write_video(tmp_path / "v.mp4", frames, fps=25, crf=0)
+    for fps, max_frames in ((1.0, 768), (2.5, 768), (25.0, 768), (25.0, 64), (0.01, 768)):
+        got, info = read_frames(path, fps=fps, max_frames=max_frames)
+        assert info["indices"] == sample_frame_indices(250, 25.0, fps=fps, max_frames=max_frames)
+        assert got.shape == (len(info["indices"]), 32, 48, 3) and info["missing"] == 0
+        decoded = np.round(got[:, 16, 8, 1] / 4).astype(int) + 64 * np.round(got[:, 16, 40, 1] / 40).astype(int)
+        assert decoded.tolist() == info["indices"]
+    assert info["times_s"][1] == pytest.approx(info["indices"][1] / 25.0)
+    assert info["sampled_fps"] == pytest.approx(len(info["indices"]) / 10.0)
     with pytest.raises(FileNotFoundError):
         read_frames(tmp_path / "missing.mp4", fps=1.0, max_frames=8)
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bad.mp4"):
         read_frames(tmp_path / "bad.mp4", fps=1.0, max_frames=8)
 
 

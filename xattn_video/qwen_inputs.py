@@ -7,7 +7,8 @@ without it:
 - :func:`sample_frame_indices` / :func:`read_frames`: frames at ``fps`` frames per second of video, at most
   ``max_frames`` (and at least ``min_frames``), a multiple of the temporal patch, spread evenly over the whole
   video (the rule of the Qwen2-VL reference utilities: n = round(duration x fps), clamped, rounded down to a
-  multiple of 2; indices linspace(0, total - 1, n) rounded).
+  multiple of 2; indices spread evenly from the first frame to the last, rounded half up). ffmpeg decodes
+  each video once and hands over the kept frames only.
 - :func:`patchify_video`: what Qwen2-VL's video processor documents: each frame resized (bicubic) to the
   ``smart_resize`` size (sides multiples of patch x merge, pixel count within [min_pixels, max_pixels],
   aspect kept), rescaled to [0, 1], normalised with the CLIP mean and std; frames padded to a multiple of the
@@ -26,7 +27,9 @@ with torchvision's. Real-model runs use the real processor whenever torchvision 
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +61,8 @@ IMAGE_TOKEN = "<|image_pad|>"
 def sample_frame_indices(total_frames: int, video_fps: float, *, fps: float, max_frames: int,
                          min_frames: int = 4, factor: int = 2) -> list[int]:
     """Indices of the frames to keep: about ``fps`` a second, within [min_frames, max_frames] (and the video's
-    frame count), a multiple of ``factor``, spread evenly from the first frame to the last."""
+    frame count), a multiple of ``factor``, spread evenly from the first frame to the last (index i of n is
+    floor(i x (total - 1) / (n - 1) + 0.5))."""
     if total_frames < 1:
         raise ValueError(f"the video holds no frame (total_frames={total_frames})")
     if not video_fps > 0 or not fps > 0:
@@ -68,56 +72,69 @@ def sample_frame_indices(total_frames: int, video_fps: float, *, fps: float, max
     n = round(total_frames / video_fps * fps)
     n = min(max(n, min_frames), max_frames, max(total_frames, factor))
     n = max(factor, n // factor * factor)
-    return [int(i) for i in np.linspace(0, total_frames - 1, n).round().astype(int)]
+    step = (total_frames - 1) / (n - 1)
+    return [int(math.floor(i * step + 0.5)) for i in range(n)]
+
+
+def _ffmpeg_sync_args() -> list[str]:
+    """Keep every selected frame once: ``-fps_mode passthrough`` (ffmpeg >= 5.1), ``-vsync 0`` before."""
+    import imageio_ffmpeg
+
+    m = re.search(r"(\d+)\.(\d+)", imageio_ffmpeg.get_ffmpeg_version())
+    if m and (int(m.group(1)), int(m.group(2))) >= (5, 1):
+        return ["-fps_mode", "passthrough"]
+    return ["-vsync", "0"]
 
 
 def read_frames(path: str | os.PathLike, *, fps: float, max_frames: int, min_frames: int = 4,
                 factor: int = 2) -> tuple[np.ndarray, dict]:
     """Decode the sampled frames of a video: uint8 [T, H, W, 3] and info (video fps, frame count, duration,
-    the kept indices and their times in seconds, the sampling rate actually obtained).
+    the kept indices and their times in seconds, the sampling rate obtained).
 
-    The frame count comes from the container (duration x fps); a stream that ends early repeats its last
-    decoded frame for the indices past its end. Raises FileNotFoundError / ValueError for a missing or
-    undecodable file.
+    ffmpeg decodes the stream once and hands over only the kept frames (a ``select`` filter on the frame
+    number that encodes :func:`sample_frame_indices`' rule), so an hour of video costs one decode, not an
+    hour of RGB frames through a pipe. The frame count comes from the container (duration x fps); when the
+    stream ends early, the last frame obtained stands in for the missing ones (``info["missing"]`` counts
+    them). Raises FileNotFoundError for a missing file, ValueError for one ffmpeg cannot decode.
     """
-    import imageio.v2 as imageio
+    import imageio_ffmpeg
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video {str(path)!r} does not exist")
     try:
-        reader = imageio.get_reader(path, format="FFMPEG")
-    except Exception as e:  # imageio raises several types for unreadable files
-        raise ValueError(f"video {str(path)!r} cannot be opened: {e}") from None
+        probe = imageio_ffmpeg.read_frames(str(path))
+        meta = next(probe)
+        probe.close()
+    except Exception as e:  # imageio-ffmpeg raises RuntimeError / OSError / StopIteration on bad files
+        raise ValueError(f"video {str(path)!r} cannot be opened: {type(e).__name__}: {e}") from None
+    video_fps, duration = float(meta.get("fps") or 0.0), float(meta.get("duration") or 0.0)
+    if not video_fps > 0 or not duration > 0:
+        raise ValueError(f"video {str(path)!r} has no usable fps/duration (fps={video_fps}, duration={duration})")
+    total = max(1, round(duration * video_fps))
+    indices = sample_frame_indices(total, video_fps, fps=fps, max_frames=max_frames, min_frames=min_frames,
+                                   factor=factor)
+    width, height = meta["size"]
+    if len(indices) > 1:
+        step = repr((total - 1) / (len(indices) - 1))
+        select = f"select='eq(n\\,floor(floor(n/{step}+0.5)*{step}+0.5))'"
+    else:
+        select = "select='eq(n\\,0)'"
+    frames = []
     try:
-        meta = reader.get_meta_data()
-        video_fps = float(meta.get("fps") or 0.0)
-        duration = float(meta.get("duration") or 0.0)
-        if not video_fps > 0 or not duration > 0:
-            raise ValueError(f"video {str(path)!r} has no usable fps/duration (fps={video_fps}, duration={duration})")
-        total = max(1, round(duration * video_fps))
-        indices = sample_frame_indices(total, video_fps, fps=fps, max_frames=max_frames, min_frames=min_frames,
-                                       factor=factor)
-        wanted, stop = set(indices), max(indices)
-        frames: dict[int, np.ndarray] = {}
-        last = None
-        try:
-            for position, frame in enumerate(reader):
-                last = frame
-                if position in wanted:
-                    frames[position] = np.asarray(frame)
-                if position >= stop:
-                    break
-        except (RuntimeError, OSError, IndexError) as e:
-            if last is None:
-                raise ValueError(f"video {str(path)!r} cannot be decoded: {e}") from None
-    finally:
+        reader = imageio_ffmpeg.read_frames(str(path), output_params=["-vf", select, *_ffmpeg_sync_args()])
+        next(reader)
+        for raw in reader:
+            frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3))
+            if len(frames) == len(indices):
+                break
         reader.close()
-    if last is None:
+    except Exception as e:
+        raise ValueError(f"video {str(path)!r} cannot be decoded: {type(e).__name__}: {e}") from None
+    if not frames:
         raise ValueError(f"video {str(path)!r}: no frame could be decoded")
-    decoded = [frames.get(i) for i in indices]
-    filler = np.asarray(last)
-    out = np.stack([f if f is not None else filler for f in decoded])
+    missing = len(indices) - len(frames)
+    frames.extend([frames[-1]] * missing)
     info = {
         "video_fps": video_fps,
         "duration_s": duration,
@@ -125,8 +142,9 @@ def read_frames(path: str | os.PathLike, *, fps: float, max_frames: int, min_fra
         "indices": indices,
         "times_s": [i / video_fps for i in indices],
         "sampled_fps": len(indices) / duration,
+        "missing": missing,
     }
-    return np.ascontiguousarray(out), info
+    return np.ascontiguousarray(np.stack(frames)), info
 
 
 # ------------------------------------------------------------------------------------------------ pixels
