@@ -197,10 +197,33 @@ def standard_names_ok(videos: Sequence[Path], suite_prompts: set[str] | None) ->
     return True
 
 
-def suite_prompts(full_info: Path | None) -> set[str] | None:
+def suite_dimensions(full_info: Path | None) -> dict[str, set[str]] | None:
+    """VBench's suite as {prompt: the dimensions it serves}, from VBench_full_info.json; None when unknown."""
     if full_info is None or not full_info.is_file():
         return None
-    return {str(d["prompt_en"]) for d in json.loads(full_info.read_text(encoding="utf-8"))}
+    suite: dict[str, set[str]] = {}
+    for d in json.loads(full_info.read_text(encoding="utf-8")):
+        suite.setdefault(str(d["prompt_en"]), set()).update(d.get("dimension") or [])
+    return suite
+
+
+def suite_prompts(full_info: Path | None) -> set[str] | None:
+    suite = suite_dimensions(full_info)
+    return None if suite is None else set(suite)
+
+
+def standard_coverage(videos: Sequence[Path], suite: dict[str, set[str]], dimensions: Sequence[str]) -> (
+    tuple[dict[str, int], int]
+):
+    """In standard mode: how many of the videos each dimension will score (VBench scores a dimension on the
+    suite prompts tagged with it), and how many prompts have fewer than VBench's 5 videos."""
+    per_prompt: dict[str, int] = {}
+    for v in videos:
+        m = VBENCH_NAME.match(v.stem)
+        if m is not None:
+            per_prompt[m["prompt"]] = per_prompt.get(m["prompt"], 0) + 1
+    coverage = {d: sum(n for p, n in per_prompt.items() if d in suite.get(p, ())) for d in dimensions}
+    return coverage, sum(1 for n in per_prompt.values() if n < 5)
 
 
 def custom_prompts(folder: Path, prompt_file: Path | None) -> tuple[dict[str, str], str]:
@@ -243,13 +266,16 @@ class FolderJob:
     mode: str  # vbench_standard | custom_input
     prompts: dict[str, str] = field(default_factory=dict)
     prompts_from: str = ""
+    coverage: dict[str, int] | None = None  # standard mode: videos each dimension will score
+    short_prompts: int = 0  # standard mode: prompts with fewer than VBench's 5 videos
 
 
 def plan(folders: Sequence[Path], dimensions: Sequence[str], *, mode: str, output_root: Path | None,
          prompt_file: Path | None, full_info: Path | None) -> list[FolderJob]:
     """Decide each folder's VBench mode and prompts; VBenchError for a mode that cannot score a dimension."""
     jobs = []
-    known = suite_prompts(full_info)
+    suite = suite_dimensions(full_info)
+    known = None if suite is None else set(suite)
     for folder in folders:
         videos = _videos(folder)
         if mode == "standard" or (mode == "auto" and prompt_file is None and standard_names_ok(videos, known)):
@@ -268,7 +294,15 @@ def plan(folders: Sequence[Path], dimensions: Sequence[str], *, mode: str, outpu
                                   "or generate with prompts.vbench_file and --mode standard")
             prompts, source = custom_prompts(folder, prompt_file)
         out = (output_root if output_root is not None else folder.parent / "vbench") / folder.name
-        jobs.append(FolderJob(folder, out, m, prompts, source))
+        job = FolderJob(folder, out, m, prompts, source)
+        if m == "vbench_standard" and suite is not None:
+            job.coverage, job.short_prompts = standard_coverage(videos, suite, dimensions)
+            empty = [d for d, n in job.coverage.items() if n == 0]
+            if empty:
+                raise VBenchError(f"no video of {folder} is for the suite prompts of {', '.join(empty)}: VBench "
+                                  "scores a dimension on its own prompts (VBench_full_info.json); generate those "
+                                  "prompts or drop the dimension")
+        jobs.append(job)
     return jobs
 
 
@@ -460,6 +494,11 @@ def run(args: argparse.Namespace) -> int:
     for job in jobs:
         log(f"{job.folder}: {len(_videos(job.folder))} videos, {job.mode} (prompts: {job.prompts_from}) "
             f"-> {job.output}")
+        if job.coverage is not None:
+            log("  videos per dimension: " + ", ".join(f"{d} {n}" for d, n in job.coverage.items()))
+        if job.short_prompts:
+            log(f"  {job.short_prompts} prompts have fewer than the 5 videos VBench's suite expects (generate "
+                "with seeds=[0,1,2,3,4] or videos_per_prompt=5); VBench warns about each missing one")
     problems = []
     if missing:
         log(missing_report(missing, cache))

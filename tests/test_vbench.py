@@ -106,7 +106,7 @@ def test_unknown_dimension_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_missing_weights_are_listed_with_their_paths(tmp_path, capsys, fake_vbench):
-    run = make_run(tmp_path / "run", ["a dog runs-0"])
+    run = make_run(tmp_path / "run", ["0000_a-dog_seed0_0"])
     cache = tmp_path / "cache"
     fill_cache(cache, ["motion_smoothness"])
     (cache / "clip_model").mkdir(parents=True)
@@ -158,6 +158,10 @@ def test_modes_and_prompt_sources(tmp_path):
     suite = make_run(tmp_path / "suite", ["a dog runs-0", "a dog runs-1"])
     jobs = vb.plan([suite / "xattn"], ["scene"], mode="auto", output_root=None, prompt_file=None, full_info=full_info)
     assert jobs[0].mode == "vbench_standard" and jobs[0].output == suite / "vbench" / "xattn"
+    assert jobs[0].coverage == {"scene": 2} and jobs[0].short_prompts == 1  # 2 of the 5 videos VBench expects
+    with pytest.raises(vb.VBenchError, match="is for the suite prompts of subject_consistency"):
+        vb.plan([suite / "xattn"], ["subject_consistency", "scene"], mode="auto", output_root=None, prompt_file=None,
+                full_info=full_info)
 
     own = make_run(tmp_path / "own", ["0000_cat_seed0_0", "0001_dog_seed0_0"], ["A cat.", "A dog."])
     jobs = vb.plan([own / "dense"], ["subject_consistency"], mode="auto", output_root=tmp_path / "o",
