@@ -48,6 +48,7 @@ prompt:
   system: null              # null: the chat template's default system turn
 generation:
   max_new_tokens: 8         # greedy decoding
+  warmup: true              # each variant's first question also runs once untimed (kernel compilation)
 attention:                  # shared by every xattn variant unless the variant sets its own
   threshold: 0.9
   stride: 4                 # the paper: 16
@@ -298,8 +299,10 @@ def validate(resolved: dict) -> VideoMMEConfig:
     missing = [k for k in top if k not in resolved]
     if missing:
         raise ConfigError(f"{missing[0]} is missing")
-    _check_keys(resolved["generation"], "generation", ("max_new_tokens",))
+    _check_keys(resolved["generation"], "generation", ("max_new_tokens", "warmup"))
     _int("generation.max_new_tokens", resolved["generation"]["max_new_tokens"], 1, 4096)
+    if not isinstance(resolved["generation"]["warmup"], bool):
+        raise _fail("generation.warmup", resolved["generation"]["warmup"], "true or false")
     _check_keys(resolved["output"], "output", ("root",))
     root = resolved["output"]["root"]
     if not isinstance(root, str) or not root.strip():
