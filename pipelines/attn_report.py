@@ -25,6 +25,7 @@ Output (default <output.root>/attn-report/<variant>):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -395,6 +396,8 @@ def run_attn_report(
              write_text_atomic(folder / "attn_report.md", markdown(report), tmp_dir=partial)]
     files += write_plots(report, folder)
     files.append(write_video(folder / "video.mp4", gen.frames, cfg.video.fps, crf=cfg.output.crf, tmp_dir=partial))
+    with contextlib.suppress(OSError):
+        partial.rmdir()  # empty once every file is in place
     return AttnReport(report, folder, files)
 
 

@@ -28,6 +28,7 @@ the others go on; the exit status is then 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -367,6 +368,8 @@ def run_quality(
             plots.append(plotting.psnr_curves(output / "plots" / "psnr_per_frame_candidates.png", means,
                                               title=f"per-frame PSNR against {reference.name}, mean over videos",
                                               mean_label=None))
+    with contextlib.suppress(OSError):
+        partial.rmdir()  # empty once every file is in place
     return QualityResult(report, failures, json_path, md_path, plots)
 
 
