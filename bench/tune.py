@@ -34,6 +34,8 @@ def tune_attention(q, k, v, heads, dim, repeats):
         dict(block_n=128),
         dict(use_tma=False),
         dict(schedule="heavy_first"),
+        dict(num_warps=16),
+        dict(block_n=128, num_warps=16, num_stages=2),
     ]
     for cfg in grid:
         try:
@@ -61,6 +63,19 @@ def tune_estimate(q, k, stride, repeats):
         dict(use_tma=True, block_m=64, num_warps=4, num_stages=4),
         dict(use_tma=True, num_stages=2),
         dict(scratch_bytes=600 * mib),
+        # larger tiles halve/raise the GEMM's reuse of each loaded q/k tile; 16 warps keep the accumulator in
+        # registers
+        dict(use_tma=True, block_m=256, num_warps=16, num_stages=2),
+        dict(use_tma=True, block_n=256, num_warps=16, num_stages=2),
+        dict(use_tma=True, block_m=256, block_n=256, num_warps=16, num_stages=1),
+        dict(use_tma=True, block_m=256, block_n=64, num_warps=8, num_stages=3),
+        # float8 q/k (quantisation included in the time)
+        dict(fp8=True),
+        dict(fp8=True, num_stages=3),
+        dict(fp8=True, block_n=256, num_stages=3),
+        dict(fp8=True, block_n=256, num_stages=2),
+        dict(fp8=True, block_m=256, num_warps=16, num_stages=3),
+        dict(fp8=True, num_warps=4),
     ]
     for cfg in grid:
         try:
@@ -74,6 +89,18 @@ def tune_estimate(q, k, stride, repeats):
                   flush=True)
         except Exception as e:
             print(f"estimate {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+    from xattn_video.kernels.quantize import quantize_fp8
+
+    print(f"quantize_fp8(q) alone: {bench_ms(lambda: quantize_fp8(q), repeats):.2f} ms", flush=True)
+    fp8 = block_scores_triton(q, k, stride=stride, block_size=128, causal=False, fp8=True)
+    row_mass = ref.sum(-1, keepdim=True)
+    print(f"fp8 scores: max |diff| / row mass {float(((fp8 - ref).abs() / row_mass).max()):.2e}", flush=True)
+    for threshold in (0.9, 0.95):
+        exact, _, _ = select_blocks_triton(ref, threshold=threshold, causal=False)
+        approx, _, _ = select_blocks_triton(fp8, threshold=threshold, causal=False)
+        print(f"fp8 selection t={threshold}: density {float(approx.float().mean()):.4f} vs "
+              f"{float(exact.float().mean()):.4f}, blocks that differ {float((approx != exact).float().mean()):.2e}",
+              flush=True)
     for threshold in (0.9, 0.95):
         ms = bench_ms(lambda threshold=threshold: select_blocks_triton(ref, threshold=threshold, causal=False),
                       repeats)

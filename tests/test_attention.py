@@ -224,3 +224,17 @@ def test_random_block_selection_has_the_asked_density_in_compact_form():
     assert torch.equal(sel.mask.gather(-1, kept.long()), torch.ones_like(kept, dtype=torch.bool))
     with pytest.raises(ValueError, match="density"):
         random_block_selection(1, 1, 4, 0.0)
+
+
+def test_estimate_fp8_agrees_across_backends_and_with_the_exact_estimate(device):
+    q, k, v = video_like_qkv(frames=4, height=8, width=16, text_tokens=64, heads=2, head_dim=128, device=device)
+    params = dict(threshold=0.9, stride=8, block_size=128)
+    exact = estimate_block_mask(q, k, **params, backend="torch")
+    masks = [estimate_block_mask(q, k, **params, backend=b, estimate_fp8=True) for b in ("torch", "triton")]
+    assert torch.equal(masks[0].cpu(), masks[1].cpu())
+    assert abs(float(masks[0].float().mean()) - float(exact.float().mean())) < 0.02
+    out, stats = xattn_attention(q, k, v, **params, estimate_fp8=True, return_stats=True)
+    ref = block_sparse_attention64(q.cpu(), k.cpu(), v.cpu(), masks[0].cpu(), block_size=128, causal=False)
+    assert stats.density < 1 and rel_err(out.cpu(), ref) < 1e-5  # the attention itself stays exact
+    with pytest.raises(TypeError, match="estimate_fp8 must be a bool"):
+        XAttnConfig(estimate_fp8="yes")

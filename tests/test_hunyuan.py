@@ -328,6 +328,7 @@ def test_stats_dict_json_and_debug_log(tmp_path, caplog):
         "warmup_steps": 1,
         "dense_layers": [],
         "backend": "auto",
+        "estimate_fp8": False,
     }
     path = proc.save_stats(tmp_path / "sub" / "stats.json")
     assert json.loads(open(path).read()) == json.loads(json.dumps(stats))

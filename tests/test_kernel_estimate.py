@@ -194,3 +194,52 @@ def test_launcher_rejects_bad_input(q_shape, k_shape, kwargs, match, device):
     args = {"stride": 4, "block_size": 32, "causal": False} | kwargs
     with pytest.raises(ValueError, match=match):
         block_scores_triton(q, k, **args)
+
+
+# ---------------------------------------------------------------- float8 estimate
+
+
+def fp8_values64(x: torch.Tensor) -> torch.Tensor:
+    """Float64 values of x rounded to float8 e4m3 under one scale amax/448, written out from the definition
+    (torch's float8 cast rounds to nearest even)."""
+    x = x.cpu().double()
+    amax = x.abs().max()
+    scale = amax / 448.0 if amax > 0 else torch.tensor(1.0, dtype=torch.float64)
+    return (x / scale).to(torch.float8_e4m3fn).double() * scale
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fp8_estimate_equals_the_definition_on_float8_values(causal, device):
+    q = randn((1, 4, 300, 32), torch.bfloat16, device, seed=11, scale=3.0)
+    k = randn((1, 2, 300, 32), torch.bfloat16, device, seed=12, scale=3.0)
+    got = block_scores_triton(q, k, stride=4, block_size=32, causal=causal, fp8=True)
+    want = scores_from_definition(fp8_values64(q), fp8_values64(k), stride=4, block_size=32, causal=causal)
+    torch.testing.assert_close(got.cpu().double(), want, atol=2e-5, rtol=1e-4)
+    exact = scores_from_definition(q, k, stride=4, block_size=32, causal=causal)
+    assert not torch.allclose(got.cpu().double(), exact, atol=1e-6)  # float8 really was used
+
+
+def test_fp8_scores_stay_close_to_the_exact_ones_at_video_scale(device):
+    """At head_dim 128 and stride 8 the logits are divided by 8 * sqrt(128): float8 rounding barely moves them."""
+    from xattn_video.synthetic import video_like_qkv
+
+    q, k, _ = video_like_qkv(frames=4, height=8, width=16, text_tokens=64, heads=2, head_dim=128,
+                             dtype=torch.bfloat16, device=device)  # fmt: skip
+    exact = block_scores_triton(q, k, stride=8, block_size=128, causal=False)
+    fp8 = block_scores_triton(q, k, stride=8, block_size=128, causal=False, fp8=True)
+    row_mass = exact.sum(-1, keepdim=True)
+    assert float(((fp8 - exact).abs() / row_mass).max()) < 0.02
+
+
+@pytest.mark.gpu
+def test_quantize_kernel_rounds_like_torch():
+    from xattn_video.kernels.quantize import quantize_fp8
+
+    x = randn((2, 3, 1000, 128), torch.bfloat16, "cuda", seed=5, scale=4.0).transpose(1, 2).contiguous()
+    x = x.transpose(1, 2)  # token-major storage, as diffusers makes it
+    y, scale = quantize_fp8(x)
+    assert y.is_contiguous() and y.dtype == torch.float8_e4m3fn
+    amax = x.abs().max().float()
+    torch.testing.assert_close(scale, (amax / 448).reshape(1))
+    want = (x.float() * (448 / amax)).to(torch.float8_e4m3fn)  # torch's cast: round to nearest even
+    assert torch.equal(y.view(torch.uint8), want.view(torch.uint8))

@@ -54,6 +54,10 @@ class XAttnConfig:
     block_size: tokens per query/key block (power of two, 16..256; 128 matches the kernels' tiles).
     causal: causal attention (video LLM prefill); the diagonal and the first block are always kept.
     backend: "auto" (triton on CUDA, torch elsewhere), "triton", "flex" or "torch".
+    estimate_fp8: run the estimate's strided product on q and k quantised to float8 e4m3 (one scale per
+        tensor). On an H100 it halves the estimate's time (24.3 -> 12.3 ms at 119,056 tokens) and changes
+        about 0.15% of the kept blocks at threshold 0.9 (bench/tune.py); the attention itself stays exact.
+        Off by default: the default estimate is the paper's, in the inputs' precision.
     """
 
     threshold: float = 0.9
@@ -61,6 +65,7 @@ class XAttnConfig:
     block_size: int = 128
     causal: bool = False
     backend: str = "auto"
+    estimate_fp8: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", check_threshold(self.threshold))
@@ -69,6 +74,8 @@ class XAttnConfig:
         if not isinstance(self.causal, bool):
             raise TypeError(f"causal must be a bool, got {self.causal!r}")
         check_backend(self.backend)
+        if not isinstance(self.estimate_fp8, bool):
+            raise TypeError(f"estimate_fp8 must be a bool, got {self.estimate_fp8!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -9,7 +9,7 @@ import torch
 
 from .config import XAttnConfig
 from .inputs import check_qkv, resolve_backend
-from .reference import block_scores_torch, select_blocks_torch
+from .reference import block_scores_torch, fp8_roundtrip, select_blocks_torch
 
 
 class BlockSelection(NamedTuple):
@@ -44,10 +44,18 @@ def estimate_blocks(
         from .kernels.select import select_blocks_triton
 
         scores = block_scores_triton(
-            q, k, stride=config.stride, block_size=config.block_size, causal=config.causal, scale=scale
+            q,
+            k,
+            stride=config.stride,
+            block_size=config.block_size,
+            causal=config.causal,
+            scale=scale,
+            fp8=config.estimate_fp8,
         )
         _check_finite(scores)
         return BlockSelection(*select_blocks_triton(scores, threshold=config.threshold, causal=config.causal))
+    if config.estimate_fp8:  # the same quantised values the Triton kernel multiplies
+        q, k = fp8_roundtrip(q), fp8_roundtrip(k)
     scores = block_scores_torch(
         q, k, stride=config.stride, block_size=config.block_size, causal=config.causal, scale=scale
     )
@@ -71,6 +79,7 @@ def estimate_block_mask(
     causal: bool = False,
     backend: str = "auto",
     scale: float | None = None,
+    estimate_fp8: bool = False,
 ) -> torch.Tensor:
     """Which key blocks XAttention keeps: bool ``[batch, heads, ceil(Nq/block), ceil(Nk/block)]``.
 
@@ -78,8 +87,9 @@ def estimate_block_mask(
     algorithm: antidiagonal scores with stride ``stride``, softmax over valid keys, per-row selection of
     the smallest set of blocks whose score mass reaches ``threshold`` (the crossing block kept; ties with
     it kept; causal: diagonal and first block always kept). ``threshold=1.0`` keeps every block.
+    ``estimate_fp8`` scores on float8 e4m3 copies of q and k (see :class:`XAttnConfig`).
     """
-    config = checked_config(q, k, None, XAttnConfig(threshold, stride, block_size, causal, backend))
+    config = checked_config(q, k, None, XAttnConfig(threshold, stride, block_size, causal, backend, estimate_fp8))
     return estimate_blocks(q, k, config, scale=scale).mask
 
 

@@ -163,6 +163,8 @@ class XAttnProcessor:
             double-stream blocks, then the single-stream blocks follow (HunyuanVideo 13B: 0..19 double,
             20..59 single). Needs :meth:`attach`.
         backend: ``xattn_attention`` backend for sparse steps: "auto", "triton", "flex" or "torch".
+        estimate_fp8: score blocks on float8 e4m3 copies of q and k (about twice as fast on Hopper, about 0.15%
+            of kept blocks change at threshold 0.9; see :class:`~xattn_video.XAttnConfig`). Attention stays exact.
 
     Set it on the whole transformer with ``transformer.set_attn_processor(proc)``; modules that are not joint
     video attention keep stock diffusers behaviour.
@@ -180,8 +182,9 @@ class XAttnProcessor:
         warmup_steps: int = 0,
         dense_layers: Iterable[int] = (),
         backend: str = "auto",
+        estimate_fp8: bool = False,
     ):
-        self.config = XAttnConfig(threshold, stride, block_size, False, backend)
+        self.config = XAttnConfig(threshold, stride, block_size, False, backend, estimate_fp8)
         self.warmup_steps = _check_nonneg_int("warmup_steps", warmup_steps)
         if isinstance(dense_layers, (int, str, bytes)) or not isinstance(dense_layers, Iterable):
             raise TypeError(f"dense_layers must be an iterable of layer indices such as (0, 1), got {dense_layers!r}")
@@ -201,12 +204,13 @@ class XAttnProcessor:
     stride = property(lambda self: self.config.stride)
     block_size = property(lambda self: self.config.block_size)
     backend = property(lambda self: self.config.backend)
+    estimate_fp8 = property(lambda self: self.config.estimate_fp8)
 
     def __repr__(self) -> str:
         return (
             f"XAttnProcessor(threshold={self.threshold}, stride={self.stride}, block_size={self.block_size}, "
             f"warmup_steps={self.warmup_steps}, dense_layers={tuple(sorted(self.dense_layers))}, "
-            f"backend={self.backend!r})"
+            f"backend={self.backend!r}, estimate_fp8={self.estimate_fp8})"
         )
 
     def settings(self) -> dict:
@@ -217,6 +221,7 @@ class XAttnProcessor:
             "warmup_steps": self.warmup_steps,
             "dense_layers": sorted(self.dense_layers),
             "backend": self.backend,
+            "estimate_fp8": self.estimate_fp8,
         }
 
     # ----------------------------------------------------------------- attach
@@ -714,7 +719,8 @@ def _output(attn, hidden_states, encoder_hidden_states):
 def enable(pipe_or_transformer, **kwargs) -> XAttnProcessor:
     """Put an :class:`XAttnProcessor` on a HunyuanVideo pipeline's transformer (or a transformer) and attach
     its step tracking; ``kwargs`` are the processor's (threshold, stride, block_size, warmup_steps,
-    dense_layers, backend). Returns the processor, whose :attr:`~XAttnProcessor.stats` fill as it runs."""
+    dense_layers, backend, estimate_fp8). Returns the processor, whose :attr:`~XAttnProcessor.stats` fill as
+    it runs."""
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
     if not hasattr(transformer, "set_attn_processor"):
         raise TypeError(

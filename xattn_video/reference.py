@@ -72,6 +72,15 @@ def block_scores_torch(
     return scores
 
 
+def fp8_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """x quantised to float8 e4m3 with one scale (``amax / 448``, nothing saturates) and back, in float32:
+    the values the Triton estimate multiplies when ``estimate_fp8`` is on."""
+    amax = torch.linalg.vector_norm(x, ord=float("inf")).float()
+    inv = torch.where(amax > 0, 448.0 / amax, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    return (x.float() * inv).to(torch.float8_e4m3fn).float() * scale
+
+
 def select_blocks_torch(
     scores: torch.Tensor, *, threshold: float, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
