@@ -17,6 +17,8 @@ Output (default <output.root>/attn-report/<variant>):
   attn_report.md           per step: mode, mean/max over layers and heads
   density_layer_head.png   layer x head density, mean over the sparse steps
   error_layer_head.png     layer x head relative error, mean over the sparse steps
+  density_layer_step.png   layer x step density, mean over heads (dense steps: the probe's)
+  error_layer_step.png     layer x step relative error, likewise
   error_vs_step.png        relative error per step (mean, min..max over layers and heads; probe on dense steps)
   density_vs_step.png      density per step, likewise
   video.mp4                the generated video
@@ -244,6 +246,26 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def layer_step_matrix(steps: list[dict], key: str, probe_key: str):
+    """[layers, steps] of ``key`` averaged over heads; dense cells take the probe's value when there is one and
+    are NaN (blank) otherwise. None when there is nothing to show."""
+    import numpy as np
+
+    if not steps:
+        return None
+    layers = sorted({layer for s in steps for layer in s["layers"]})
+    matrix = np.full((len(layers), len(steps)), np.nan)
+    for j, s in enumerate(steps):
+        for row, layer in enumerate(s["layers"]):
+            if s["layer_modes"][row] != "dense":
+                values = s[key][row]
+            else:
+                values = s[probe_key][row] if s[probe_key] else None
+            if values:
+                matrix[layers.index(layer), j] = float(np.mean(values))
+    return None if np.isnan(matrix).all() else matrix
+
+
 def write_plots(report: dict, folder: Path) -> list[Path]:
     """The four PNGs of the report."""
     from xattn_video import plots
@@ -266,6 +288,14 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
         paths.append(plots.heatmap(folder / "error_layer_head.png", error,
                                    title=f"relative error vs dense attention ({label})\n{title}",
                                    xlabel="head", ylabel="layer", colorbar="||xattn - dense|| / ||dense||", vmin=0))
+    for name, key, probe_key, what, vmax in (("density_layer_step.png", "density", "probe_density", "block density", 1),
+                                             ("error_layer_step.png", "rel_error", "probe_rel_error",
+                                              "relative error", None)):
+        matrix = layer_step_matrix(steps, key, probe_key)
+        if matrix is not None:
+            paths.append(plots.heatmap(folder / name, matrix, title=f"{what} per layer and step, mean over heads "
+                                       f"(dense steps: probe, or blank)\n{title}", xlabel="denoising step",
+                                       ylabel="layer", colorbar=what, vmin=0, vmax=vmax))
     xs = [s["step"] for s in report["summary"]]
     dense_steps = [s["step"] for s in report["summary"] if s["mode"] == "dense"]
     for name, key, probe_key, ylabel in (("error_vs_step.png", "rel_error", "probe_rel_error", "relative error"),

@@ -50,7 +50,8 @@ def test_report_and_plots_for_the_tiny_default(tmp_path, capsys):
     assert report["variant"]["name"] == "xattn" and report["variant"]["threshold"] == 0.9
     import imageio.v2 as imageio
 
-    for name in ("density_layer_head.png", "error_layer_head.png", "error_vs_step.png", "density_vs_step.png"):
+    for name in ("density_layer_head.png", "error_layer_head.png", "error_vs_step.png", "density_vs_step.png",
+                 "density_layer_step.png", "error_layer_step.png"):
         image = imageio.imread(out / name)
         assert image.ndim == 3 and min(image.shape[:2]) > 100, name
     assert (out / "video.mp4").stat().st_size > 0
@@ -58,6 +59,18 @@ def test_report_and_plots_for_the_tiny_default(tmp_path, capsys):
     assert "| 1 |" in md and "sparse" in md
     printed = capsys.readouterr().out
     assert "sparse" in printed and f"{d.mean():.3f}" in printed
+
+
+def test_layer_step_matrix_uses_the_probe_on_dense_steps():
+    from xattn_video.pipelines.attn_report import layer_step_matrix
+
+    steps = [{"layers": [0, 1], "layer_modes": ["dense", "dense"], "density": [[1, 1], [1, 1]],
+              "probe_density": [[0.5, 0.7], [0.2, 0.4]]},
+             {"layers": [0, 1], "layer_modes": ["sparse", "dense"], "density": [[0.1, 0.3], [1, 1]],
+              "probe_density": None}]
+    m = layer_step_matrix(steps, "density", "probe_density")
+    np.testing.assert_allclose(m[:, 0], [0.6, 0.3])
+    assert m[0, 1] == pytest.approx(0.2) and np.isnan(m[1, 1])  # a dense layer of a sparse step, no probe: blank
 
 
 def test_recorded_error_equals_an_independent_computation(tmp_path, pipe, monkeypatch):
