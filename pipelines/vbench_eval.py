@@ -107,6 +107,9 @@ def parse_dimensions(items: Sequence[str]) -> list[str]:
                 names.extend(GROUPS[part])
             elif part in DIMENSIONS:
                 names.append(part)
+            elif os.path.isdir(part):
+                raise VBenchError(f"--dimensions {part!r} is a folder, not a dimension: put the video folders before "
+                                  "--dimensions (xattn-video vbench VIDEOS_DIR --dimensions DIM ...)")
             else:
                 import difflib
 
@@ -443,7 +446,7 @@ def run_folder(job: FolderJob, dimensions: Sequence[str], *, python: str, cache:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``xattn-video vbench``."""
-    parser.add_argument("folders", nargs="+", metavar="VIDEOS_DIR",
+    parser.add_argument("folders", nargs="*", metavar="VIDEOS_DIR",
                         help="folders of videos, or a generate run folder (every variant folder in it)")
     parser.add_argument("--dimensions", nargs="+", required=True, metavar="DIM",
                         help=f"VBench dimensions or groups ({', '.join(GROUPS)}); names: {', '.join(DIMENSIONS)}")
@@ -477,6 +480,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         dimensions = parse_dimensions(args.dimensions)
+        if not args.folders:
+            raise VBenchError("give at least one VIDEOS_DIR, before --dimensions: "
+                              "xattn-video vbench runs/720p --dimensions quality")
         folders = resolve_folders(args.folders)
         cache = cache_dir(args.cache_dir)
         missing = missing_weights(dimensions, cache)

@@ -100,6 +100,8 @@ def test_unknown_dimension_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--dimensions 'subject_consistancy' is not allowed (did you mean subject_consistency?)" in err
     assert "dynamic_degree" in err and "quality" in err and len(err.strip().splitlines()) == 1
+    assert cli.main(["vbench", "--dimensions", "quality", str(run)]) == 2
+    assert "is a folder, not a dimension: put the video folders before --dimensions" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------- weights
