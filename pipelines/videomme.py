@@ -289,6 +289,10 @@ def run_videomme(cfg: VideoMMEConfig, *, dry_run: bool = False) -> RunResult:
     from xattn_video.video_io import write_text_atomic
 
     write_text_atomic(root / "config.yaml", to_yaml(cfg))
+    for path in paths.values():  # a line cut short by a kill must not swallow the next record
+        if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            with path.open("ab") as f:
+                f.write(b"\n")
 
     def record(variant: Variant, fields: dict, **extra: Any) -> dict:
         rec = {**fields, "variant": variant.name, "key": keys[variant.name], "time": _now(), **extra}
@@ -406,6 +410,14 @@ def write_report(cfg: VideoMMEConfig, root: Path, keys: dict, paths: dict, quest
             "mean_density": (statistics.fmean(d) if (d := [r["density"] for r in ok if r.get("density") is not None])
                              else None),
             "prompt_tokens_median": _median([r.get("prompt_tokens") for r in ok]),
+            "by_duration": {
+                d: {"questions": len(rs),
+                    "mean_density": statistics.fmean(ds) if (ds := [r["density"] for r in rs
+                                                                    if r.get("density") is not None]) else None,
+                    "median_prompt_tokens": _median([r.get("prompt_tokens") for r in rs]),
+                    "median_llm_prefill_ms": _median([r.get("llm_prefill_ms") for r in rs])}
+                for d in ("short", "medium", "long") if (rs := [r for r in ok if r.get("duration") == d])
+            },
         }
         if dense is not None and v.name != dense:
             base = per_variant[dense]
@@ -456,6 +468,12 @@ def markdown_report(report: dict) -> str:
         lines.append(f"| {n} | {v['answered']} | {v['errors']} | {v['unparsed']} | {_fmt(v['mean_density'], '.3f')} | "
                      f"{_fmt(v['median_prefill_ms'])} ({_fmt(v['median_llm_prefill_ms'])}) | {speed} | "
                      f"{_fmt(None if agree is None else 100 * agree, '.1f')} |")
+    lines += ["", "| variant | duration | questions | median prompt tokens | mean density | median LLM prefill ms |",
+              "|---|---|---|---|---|---|"]
+    for n in names:
+        for d, e in report["variants"][n]["by_duration"].items():
+            lines.append(f"| {n} | {d} | {e['questions']} | {_fmt(e['median_prompt_tokens'], '.0f')} | "
+                         f"{_fmt(e['mean_density'], '.3f')} | {_fmt(e['median_llm_prefill_ms'])} |")
     return "\n".join(lines) + "\n"
 
 

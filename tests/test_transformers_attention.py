@@ -229,3 +229,16 @@ def test_qwen2_5_vl_threshold_one_equals_sdpa_and_low_threshold_is_sparse():
     with xta.settings(threshold=0.8, **SMALL), xta.collect_stats() as sparse:
         _generate(model, inputs, "xattn")
     assert sparse.density < 1.0
+
+
+def test_vision_tower_xattn_at_threshold_one_equals_sdpa(tiny):
+    model, _, inputs = tiny
+    dense = _generate(model, inputs, "sdpa")
+    settings = dict(SMALL, min_len=64)  # a frame pair at 112x112 is 8 x 8 = 64 patches: one chunk
+    with xta.settings(threshold=1.0, vision="xattn", **settings), xta.collect_stats() as stats:
+        same = _generate(model, inputs, "xattn")
+    assert torch.equal(dense.sequences, same.sequences)
+    grid_t = int(inputs["video_grid_thw"][0, 0])
+    n_text = model.config.text_config.num_hidden_layers
+    assert stats.xattn_calls == grid_t * model.config.vision_config.depth + n_text
+    assert "vision" not in stats.dense_calls
