@@ -229,7 +229,10 @@ def _dataset_paths(cfg: VideoMMEConfig, root: Path) -> tuple[Path, Path, Path | 
 
         synthetic = root / "synthetic"
         if not (synthetic / "videomme").is_dir():
-            write_synthetic_videomme(synthetic)
+            import importlib.util
+
+            # Video-MME's own format when pyarrow is there (the videomme extra); the same rows as JSONL if not
+            write_synthetic_videomme(synthetic, fmt="parquet" if importlib.util.find_spec("pyarrow") else "jsonl")
         questions = synthetic
     else:
         questions = Path(cfg.data["questions"]).expanduser()
