@@ -1,8 +1,8 @@
 """Video-MME with a Qwen2-VL family model: dense and XAttention prefill side by side, scored by category.
 
 With no config the embedded default runs: a tiny random Qwen2-VL on a synthetic Video-MME-format set that
-it writes under output.root/synthetic, on the CPU. The paper's setting (Qwen2-VL-7B, 1 frame a second up
-to 768 frames, stride 16, threshold 0.9) is configs/qwen2vl_7b_videomme.yaml:
+it writes under output.root/synthetic, on the CPU. The paper's setting (Qwen2-VL-7B, 1 frame a second
+for up to an hour of video, stride 16, threshold 0.9) is configs/qwen2vl_7b_videomme.yaml:
   xattn-video videomme configs/qwen2vl_7b_videomme.yaml data.questions=/data/Video-MME
   xattn-video videomme configs/qwen2vl_7b_videomme.yaml attention.threshold=0.95 data.durations=[long]
   xattn-video videomme data.limit=2 --dry-run
