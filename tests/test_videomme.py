@@ -210,3 +210,21 @@ def test_subtitles_reach_the_prompt(dataset, tmp_path, capsys):
     assert with_subs["subtitle_lines"] == 4 and plain["subtitle_lines"] == 0  # 8 s at 2 fps: 4 cues seen
     assert with_subs["prompt_tokens"] > plain["prompt_tokens"]
     capsys.readouterr()
+
+
+def test_real_loading_path_on_a_model_folder(dataset, tmp_path, capsys):
+    """model.id as a checkpoint folder goes through from_pretrained and the processor loader, as a real model."""
+    from xattn_video.tiny_qwen import save_tiny_qwen
+
+    folder = save_tiny_qwen(tmp_path / "tiny-qwen2vl")
+    out = tmp_path / "run"
+    assert _run(f"model.id={folder}", f"data.questions={dataset}", f"output.root={out}", *FAST, "data.limit=2",
+                "attention.threshold=1.0") == 0
+    dense, exact = _answers(out, "dense"), _answers(out, "xattn")
+    assert [r["response"] for r in dense] == [r["response"] for r in exact]
+    assert exact[0]["processor"] in ("builtin", "real") and exact[0]["xattn_calls"] == 2
+    # the same weights as the embedded tiny model: the same answers
+    assert _run(f"data.questions={dataset}", f"output.root={tmp_path / 'tiny'}", *FAST, "data.limit=2",
+                "attention.select=[dense]") == 0
+    assert [r["response"] for r in _answers(tmp_path / "tiny", "dense")] == [r["response"] for r in dense]
+    capsys.readouterr()
