@@ -17,12 +17,13 @@ __all__ = ["extract_choice", "normalize_text", "parse_options", "score"]
 
 _LETTER_PREFIX = re.compile(r"^\s*[\(\[]?([A-Z])[\)\]]?\s*[\.\):：]\s*(.*)$", re.S)
 _LETTER_PREFIX_LOOSE = re.compile(r"^\s*[\(\[]?([A-Z])[\)\]]\s*(.*)$", re.S)
-# "answer is B", "answer: (B)", "option B", "choice is B", "correct one is B" ... the letter must stand alone
-_CUE = re.compile(
-    r"(?:answer|option|choice|correct\s+one|correct\s+option)\s*(?:is|would\s+be|should\s+be|:|：|=)?\s*[:：]?\s*"
-    r"[\(\[\*]*([A-Z])[\)\]\*]*(?![A-Za-z])",
-    re.I,
-)
+# A cue, then a letter standing alone: "answer is B", "Answer: (B)", "correct option is **C**", "option D".
+# Capital letters always; a lower-case one only before punctuation or the end ("answer is b." but not the
+# article in "the answer is a man ...").
+_LETTER = r"[\(\[\*]*((?-i:[A-Z])|[a-z](?=[\)\]\*]*\s*(?:$|[\.,;:!\)\]])))[\)\]\*]*(?![A-Za-z])"
+_LINK = r"\s*(?:is|would\s+be|should\s+be|:|：|=)?\s*[:：]?\s*"
+_ANSWER_CUE = re.compile(r"(?:answer|correct\s+(?:one|option|choice))" + _LINK + _LETTER, re.I)
+_OPTION_CUE = re.compile(r"(?:option|choice)" + _LINK + _LETTER, re.I)
 
 
 def normalize_text(text: str) -> str:
@@ -65,10 +66,11 @@ def extract_choice(response: str, options: Sequence[tuple[str, str]]) -> str | N
     if bare:
         return bare.group(1) if bare.group(1) in valid else None
     # 2. a cue phrase: "The answer is (B)", "Answer: B", "option B"
-    for m in _CUE.finditer(text):
-        letter = m.group(1).upper()
-        if letter in valid:
-            return letter
+    for cue in (_ANSWER_CUE, _OPTION_CUE):  # "Options A and C are wrong, the answer is B": the answer wins
+        for m in cue.finditer(text):
+            letter = m.group(1).upper()
+            if letter in valid:
+                return letter
     # 3. the response starts with a lettered option: "B. a dog", "(B) a dog", "B: ..."
     m = _LETTER_PREFIX.match(text) or _LETTER_PREFIX_LOOSE.match(text)
     if m and m.group(1) in valid:

@@ -32,6 +32,10 @@ OPTIONS = parse_options(["A. A man rides a bicycle.", "B. Two dogs.", "C. 3", "D
         ("A man rides a bicycle.", "A"),  # option text that starts with the article "A"
         ("I think it is D", "D"),
         ("The answer is B, not A.", "B"),
+        ("Options A and C do not fit; the answer is D.", "D"),
+        ("The correct option is **C**", "C"),
+        ("Answer: The video shows two dogs.", "B"),
+        ("the answer is b.", "B"),
     ],
 )
 def test_extracts_the_option_letter(response, expected):
@@ -41,7 +45,7 @@ def test_extracts_the_option_letter(response, expected):
 @pytest.mark.parametrize(
     "response",
     ["", "   ", "I cannot tell from the video.", "E", "The answer is E", "A or B", "#$%&", "ERROR ERROR",
-     "A cat sits there"],
+     "A cat sits there", "The answer is a cat."],
 )
 def test_garbage_and_ambiguous_responses_give_none(response):
     assert extract_choice(response, OPTIONS) is None
