@@ -126,9 +126,12 @@ def _report_processor_class():
         def sparse_attention(self, q, k, v, out=None):
             result, stats = super().sparse_attention(q, k, v, out=out)
             if self._current is not None:
+                # k/v hold the valid segment; q may also hold the padded text queries after it: measured are
+                # the valid queries only, the ones the video depends on
+                length = k.shape[2]
                 read = stats.resolve() if isinstance(stats, PendingStats) else stats
-                reference = self.dense_attention(q, k, v)
-                self.cells[self._current[0]].actual.add(read.density_per_head, result, reference)
+                reference = self.dense_attention(q[:, :, :length], k, v)
+                self.cells[self._current[0]].actual.add(read.density_per_head, result[:, :, :length], reference)
             return result, stats
 
         def dense_attention(self, q, k, v):
