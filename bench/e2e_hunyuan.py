@@ -18,6 +18,7 @@ Variants (``--variants``):
   stock         diffusers' HunyuanVideoAttnProcessor2_0 (SDPA with the key-padding mask)
   dense         XAttnProcessor on a dense (warmup) step: unmasked SDPA over the valid segment, cuDNN first
   xattn-T       XAttnProcessor at threshold T (stride ``--stride``) on a sparse step
+  ...+fp8       the same with the float8 block estimate (``estimate_fp8=True``), e.g. fixed-0.35+fp8
   fixed-D       FIXED DENSITY: XAttnProcessor with its block choice replaced by random blocks at density D (each
                 query-block row keeps round(D x blocks) random key blocks); the real estimate still runs and
                 is timed. Random weights give nearly
@@ -250,7 +251,6 @@ def first_blocks_only(model):
 
 def fixed_density_processor_class():
     from xattn_video import XAttnProcessor
-    from xattn_video.attention import PendingStats, _per_head_total, _sparse_attention, _Timer
     from xattn_video.estimate import BlockSelection, checked_config, estimate_blocks
     from xattn_video.synthetic import random_block_selection
 
@@ -266,7 +266,9 @@ def fixed_density_processor_class():
             self.density = density
             self._selections: dict = {}
 
-        def _selection(self, q: torch.Tensor, n_blocks: int) -> BlockSelection:
+        def select_blocks(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+            estimate_blocks(q, k, checked_config(q, k, None, self.config))  # its result is replaced, its cost kept
+            n_blocks = math.ceil(q.shape[2] / self.block_size)
             key = (q.shape[0], q.shape[1], n_blocks, q.device)
             if key not in self._selections:
                 self._selections[key] = random_block_selection(
@@ -274,33 +276,26 @@ def fixed_density_processor_class():
                 )
             return self._selections[key]
 
-        def sparse_attention(self, q, k, v, out=None):
-            config = checked_config(q, k, v, self.config)
-            selection = self._selection(q, math.ceil(q.shape[2] / self.block_size))
-            timer = _Timer(q.device, enabled=True)
-            estimate_blocks(q, k, config)  # its result is replaced, its cost is kept
-            timer.mark()
-            attend = _sparse_attention(config.backend)
-            out = attend(q, k, v, selection, block_size=self.block_size, causal=False, scale=None, out=out)
-            timer.mark()
-            kept_per_head = selection.kv_count.sum(-1).float()
-            return out, PendingStats(kept_per_head, _per_head_total(selection, causal=False), timer, config.backend)
-
     return FixedDensityProcessor
 
 
-def parse_variant(name: str) -> tuple[str, float | None]:
+def parse_variant(name: str) -> tuple[str, float | None, bool]:
+    """(kind, threshold or density, float8 estimate) of a variant name."""
     if name in ("stock", "dense"):
-        return name, None
+        return name, None, False
+    base, fp8 = (name[: -len("+fp8")], True) if name.endswith("+fp8") else (name, False)
     for prefix in ("xattn-", "fixed-"):
-        if name.startswith(prefix):
+        if base.startswith(prefix):
             try:
-                value = float(name[len(prefix) :])
+                value = float(base[len(prefix) :])
             except ValueError:
                 break
             if 0 < value <= 1:
-                return prefix[:-1], value
-    raise ValueError(f"unknown variant {name!r}: use stock, dense, xattn-<threshold>, fixed-<density> (0 < x <= 1)")
+                return prefix[:-1], value, fp8
+    raise ValueError(
+        f"unknown variant {name!r}: use stock, dense, xattn-<threshold>, fixed-<density> (0 < x <= 1), the last "
+        "two optionally with +fp8 (float8 estimate)"
+    )
 
 
 def set_variant(model, variant: str, args):
@@ -311,7 +306,7 @@ def set_variant(model, variant: str, args):
     import xattn_video
     from xattn_video.steps import StepTracker
 
-    kind, value = parse_variant(variant)
+    kind, value, fp8 = parse_variant(variant)
     tracker = StepTracker.of(model)
     if tracker is not None:
         tracker.detach()
@@ -327,8 +322,8 @@ def set_variant(model, variant: str, args):
     if kind == "dense":  # every forward here is step 0 (same timestep and latents): warmup keeps it dense
         return xattn_video.enable(model, threshold=0.9, warmup_steps=1, **common)
     if kind == "xattn":
-        return xattn_video.enable(model, threshold=value, warmup_steps=0, **common)
-    proc = fixed_density_processor_class()(value, threshold=0.9, warmup_steps=0, **common)
+        return xattn_video.enable(model, threshold=value, warmup_steps=0, estimate_fp8=fp8, **common)
+    proc = fixed_density_processor_class()(value, threshold=0.9, warmup_steps=0, estimate_fp8=fp8, **common)
     model.set_attn_processor(proc)
     return proc.attach(model)
 
@@ -505,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=None, help=f"of {list(SIZES)} (default: both)")
     parser.add_argument(
-        "--variants", nargs="+", default=DEFAULT_VARIANTS, help="stock, dense, xattn-<threshold>, fixed-<density>"
+        "--variants", nargs="+", default=DEFAULT_VARIANTS,
+        help="stock, dense, xattn-<threshold>, fixed-<density>; append +fp8 for the float8 estimate",
     )
     parser.add_argument("--repeats", type=int, default=2, help="timed forwards per variant (median reported)")
     parser.add_argument("--stride", type=int, default=8, help="XAttention antidiagonal stride")

@@ -28,6 +28,21 @@ def all_blocks(q: torch.Tensor, n_k: int, *, block_size: int, causal: bool) -> B
     return BlockSelection(*select_blocks_torch(scores, threshold=1.0, causal=causal))
 
 
+def append_dense_rows(selection: BlockSelection, n_q_blocks: int) -> BlockSelection:
+    """``selection`` grown to ``n_q_blocks`` query blocks, the added ones keeping every key block. The diffusers
+    processor uses it for query blocks made only of padded text tokens."""
+    batch, heads, n_qb, n_kb = selection.mask.shape
+    extra = n_q_blocks - n_qb
+    if extra < 0:
+        raise ValueError(f"n_q_blocks={n_q_blocks} is below the selection's {n_qb} query blocks")
+    if extra == 0:
+        return selection
+    mask = torch.cat([selection.mask, selection.mask.new_ones(batch, heads, extra, n_kb)], 2)
+    kv_count = torch.cat([selection.kv_count, selection.kv_count.new_full((batch, heads, extra), n_kb)], 2)
+    every = torch.arange(n_kb, dtype=selection.kv_indices.dtype, device=mask.device).expand(batch, heads, extra, n_kb)
+    return BlockSelection(mask, kv_count, torch.cat([selection.kv_indices, every], 2))
+
+
 def estimate_blocks(
     q: torch.Tensor, k: torch.Tensor, config: XAttnConfig, *, scale: float | None = None
 ) -> BlockSelection:

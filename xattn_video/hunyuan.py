@@ -54,9 +54,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .attention import PendingStats, XAttnStats, _Timer, run_xattn
+from .attention import PendingStats, XAttnStats, _per_head_total, _sparse_attention, _Timer
 from .config import XAttnConfig
-from .estimate import checked_config
+from .estimate import BlockSelection, append_dense_rows, checked_config, estimate_blocks
 from .steps import StepPosition, StepTracker, tensor_version
 
 __all__ = ["XAttnProcessor", "enable"]
@@ -409,8 +409,8 @@ class XAttnProcessor:
                 else:
                     out[index] = og
                 continue
-            target = out[index, :, :length]
-            result, stats = self.sparse_attention(qg[:, :, :length], kg, vg, out=target)
+            target = out[index]
+            result, stats = self.sparse_attention(qg, kg, vg, out=target)
             if result is not target:
                 target.copy_(result)
             total += stats.total_blocks
@@ -420,11 +420,6 @@ class XAttnProcessor:
                 kept += stats.kept_blocks
                 estimate_ms += stats.estimate_ms
                 attention_ms += stats.attention_ms
-            if length < n:  # padded text queries: what stock's key-masked attention gives them
-                timer = _Timer(q.device, enabled=True)
-                out[index, :, length:] = self.dense_attention(qg[:, :, length:], kg, vg)
-                timer.mark()
-                timers.append(timer)
         mode = "dense" if dense else "sparse"
         return out, mode, kept, total, estimate_ms, attention_ms, timers
 
@@ -442,15 +437,38 @@ class XAttnProcessor:
             return out.permute(0, 2, 1, 3)
         return _dense_sdpa(q, k, v)
 
+    def select_blocks(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+        """The key blocks XAttention keeps for the valid segment (q/k [B, H, L, D]): the antidiagonal estimate
+        with this processor's parameters. Benchmarks override it to substitute the block choice."""
+        return estimate_blocks(q, k, checked_config(q, k, None, self.config))
+
     def sparse_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, XAttnStats | PendingStats]:
-        """XAttention over one valid segment, q/k/v [B, H, L, D]: :func:`xattn_attention` with this processor's
-        parameters, written into ``out`` when given. Returns the output and its statistics, either read
-        (:class:`XAttnStats`) or still on the GPU (:class:`PendingStats`, read after the forward). Benchmarks
-        and reports override it to substitute or inspect the block choice."""
+        """XAttention for one group of samples: k/v [B, H, L, D] hold the valid tokens, q [B, H, N, D] every
+        query (N >= L). The valid queries get exactly :func:`xattn_attention` over the valid segment (the
+        blocks :meth:`select_blocks` keeps). Padded text queries, which no valid token attends to and whose
+        outputs the transformer drops at its end, ride along in the same kernel launch instead of a second,
+        poorly parallel one: those in the block where padding starts use that block's kept blocks, those in
+        wholly padded blocks see every valid key (as under stock's key-padding mask). Writes into ``out`` when
+        given. Returns the output and its statistics over the valid segment, read (:class:`XAttnStats`) or
+        still on the GPU (:class:`PendingStats`, read after the forward). Reports override it to inspect each
+        call."""
+        length, n = k.shape[2], q.shape[2]
         config = checked_config(q, k, v, self.config)
-        return run_xattn(q, k, v, config, out=out, timed=True)
+        timer = _Timer(q.device, enabled=True)
+        selection = self.select_blocks(q[:, :, :length], k)
+        timer.mark()
+        attend_selection, extra = selection, {}
+        if _blocks(n, self.block_size) > _blocks(length, self.block_size):
+            attend_selection = append_dense_rows(selection, _blocks(n, self.block_size))
+            if config.backend == "triton":  # the dense rows first, so that no long program runs alone at the end
+                extra["schedule"] = "heavy_first"
+        attend = _sparse_attention(config.backend)
+        out = attend(q, k, v, attend_selection, block_size=self.block_size, causal=False, scale=None, out=out, **extra)
+        timer.mark()
+        kept_per_head = selection.kv_count.sum(-1).float()
+        return out, PendingStats(kept_per_head, _per_head_total(selection, causal=False), timer, config.backend)
 
     def _stock_attention(self, query, key, value, mask):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
