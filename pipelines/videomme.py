@@ -16,7 +16,7 @@ Config keys (each has a default; --print-config shows the resolved config):
   prompt      instruction, suffix, system: the multiple-choice prompt (Video-MME's standard instruction)
   generation  max_new_tokens (greedy decoding), warmup (each variant's first question runs once untimed:
               kernel compilation stays out of the prefill times)
-  attention   threshold, stride, block_size, min_len, backend, vision: shared by xattn variants;
+  attention   threshold, stride, block_size, min_len, backend, vision, estimate_fp8: shared by xattn variants;
               select; variants: {name: {mode: dense|xattn, <shared keys>}}
   output      root
   progress    auto | true | false
@@ -166,7 +166,8 @@ def apply_variant(model: Any, variant: Variant) -> None:
         model.set_attn_implementation("sdpa")
         return
     xta.configure(threshold=variant.threshold, stride=variant.stride, block_size=variant.block_size,
-                  min_len=variant.min_len, backend=variant.backend, vision=variant.vision)
+                  min_len=variant.min_len, backend=variant.backend, vision=variant.vision,
+                  estimate_fp8=variant.estimate_fp8)
     model.set_attn_implementation(xta.NAME)
 
 

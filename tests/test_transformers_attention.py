@@ -242,3 +242,26 @@ def test_vision_tower_xattn_at_threshold_one_equals_sdpa(tiny):
     n_text = model.config.text_config.num_hidden_layers
     assert stats.xattn_calls == grid_t * model.config.vision_config.depth + n_text
     assert "vision" not in stats.dense_calls
+
+
+def test_estimate_fp8_reaches_xattn_attention(monkeypatch):
+    import xattn_video.attention as attention
+
+    seen = []
+    real = attention.xattn_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "xattn_attention", spy)
+    q, k, v = _qkv(256, seed=6)
+    with xta.settings(threshold=0.6, estimate_fp8=True, **SMALL), xta.collect_stats() as stats:
+        out, _ = xta.xattn_attention_forward(FakeAttention(), q, k, v, None)
+    assert [kw["estimate_fp8"] for kw in seen] == [True]
+    ref, ref_stats = real(q, k, v, threshold=0.6, stride=4, block_size=16, causal=True, estimate_fp8=True,
+                          return_stats=True)
+    torch.testing.assert_close(out, ref.transpose(1, 2))
+    assert stats.kept_blocks == ref_stats.kept_blocks
+    with pytest.raises(TypeError, match="estimate_fp8"):
+        xta.configure(estimate_fp8="yes")

@@ -156,6 +156,7 @@ def test_malformed_table_is_one_clear_error(dataset, tmp_path, capsys):
         ("model.processor=fast", "model.processor"),
         ("attention.treshold=0.9", "did you mean attention.threshold"),
         ("attention.min_len=8", "attention.min_len"),
+        ("attention.estimate_fp8=1", "attention.estimate_fp8"),
     ],
 )
 def test_bad_config_values_name_the_key(override, message, capsys):

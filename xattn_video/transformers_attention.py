@@ -78,6 +78,7 @@ class LLMAttentionConfig:
     min_len: prefills shorter than this many tokens run dense SDPA (the estimate costs more than it saves on
         short sequences); at least one block.
     vision: ``"dense"`` (default) or ``"xattn"``: what non-causal calls (vision towers) run.
+    estimate_fp8: score blocks on float8 copies of q and k (see :class:`xattn_video.XAttnConfig`); off by default.
     """
 
     threshold: float = 0.9
@@ -86,6 +87,7 @@ class LLMAttentionConfig:
     min_len: int = 2048
     backend: str = "auto"
     vision: str = "dense"
+    estimate_fp8: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", check_threshold(self.threshold))
@@ -96,6 +98,8 @@ class LLMAttentionConfig:
             raise ValueError(f"min_len must be an int >= block_size={self.block_size}, got {self.min_len!r}")
         if self.vision not in VISION_MODES:
             raise ValueError(f"vision must be one of {list(VISION_MODES)}, got {self.vision!r}")
+        if not isinstance(self.estimate_fp8, bool):
+            raise TypeError(f"estimate_fp8 must be a bool, got {self.estimate_fp8!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -253,7 +257,7 @@ def xattn_attention_forward(
 
     out, call_stats = xattn_attention(
         query, key, value, threshold=config.threshold, stride=config.stride, block_size=config.block_size,
-        causal=causal, backend=config.backend, scale=scaling, return_stats=True,
+        causal=causal, backend=config.backend, scale=scaling, estimate_fp8=config.estimate_fp8, return_stats=True,
     )
     layer = getattr(module, "layer_idx", None)
     _record_xattn(-1 if layer is None else int(layer), query.shape[2], call_stats)
