@@ -11,7 +11,8 @@ registry function: XAttention on the prefill, ``--stride``, block 128).
 
 Random weights give nearly uniform attention, so a threshold t keeps about a share t of the blocks: the
 ``xattn-T`` rows measure the prefill at the densities a trained model reaches at other thresholds (report
-the density column, not the threshold, when comparing).
+the density column, not the threshold, when comparing). ``xattn-T-fp8`` scores blocks on float8 copies of
+q and k (``estimate_fp8``).
 
 Order: a correctness check first (``--check-tokens`` positions: ``xattn`` at threshold 1.0 against ``sdpa``,
 relative error of the last hidden state; the run stops when it exceeds 2e-2), then per size a warm-up forward
@@ -53,7 +54,7 @@ SMOKE_TEXT = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
 )
 DEFAULT_TOKENS = [16384, 32768, 65536, 114688]
-DEFAULT_VARIANTS = ["sdpa", "xattn-0.9", "xattn-0.5", "xattn-0.25"]
+DEFAULT_VARIANTS = ["sdpa", "xattn-0.9", "xattn-0.9-fp8", "xattn-0.5", "xattn-0.25"]
 
 
 def build_model(config: dict, device: torch.device, dtype: torch.dtype, seed: int):
@@ -77,9 +78,9 @@ def set_variant(model, variant: str, args) -> None:
     if variant == "sdpa":
         model.set_attn_implementation("sdpa")
         return
-    threshold = float(variant.split("-", 1)[1])
-    xta.configure(threshold=threshold, stride=args.stride, block_size=args.block_size, min_len=args.block_size,
-                  backend=args.backend)
+    parts = variant.split("-")  # xattn-T or xattn-T-fp8
+    xta.configure(threshold=float(parts[1]), stride=args.stride, block_size=args.block_size,
+                  min_len=args.block_size, backend=args.backend, estimate_fp8=parts[2:] == ["fp8"])
     model.set_attn_implementation(xta.NAME)
 
 
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=None,
                         help=f"prefill lengths (default {DEFAULT_TOKENS})")
-    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="sdpa and xattn-T (T: threshold)")
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                        help="sdpa, xattn-T (T: threshold), xattn-T-fp8 (float8 estimate)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--stride", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=128)
