@@ -15,7 +15,8 @@ the density column, not the threshold, when comparing). ``xattn-T-fp8`` scores b
 q and k (``estimate_fp8``).
 
 Order: a correctness check first (``--check-tokens`` positions: ``xattn`` at threshold 1.0 against ``sdpa``,
-relative error of the last hidden state; the run stops when it exceeds 2e-2), then per size a warm-up forward
+relative error of the last hidden state, beside the noise floor of swapping one exact SDPA kernel for another;
+the run stops when it exceeds both 2e-2 and 3x that floor), then per size a warm-up forward
 through the first layer only (compiles and autotunes the kernels at the right shapes), then ``--repeats``
 timed full forwards per variant (CUDA events, median), with the relative error of each variant's last hidden
 state against ``sdpa``'s, the density and the summed estimate / attention kernel times. ``--budget-s``
@@ -112,14 +113,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def check(model, args, device, dtype) -> float:
-    """xattn at threshold 1.0 against sdpa on ``--check-tokens`` positions."""
+def check(model, args, device, dtype) -> tuple[float, float]:
+    """xattn at threshold 1.0 against sdpa on ``--check-tokens`` positions, and the noise floor: another exact
+    SDPA kernel against the default one. 28 random layers amplify bf16 rounding, so a correct kernel's error
+    is judged against what swapping one exact kernel for another gives."""
     batch = inputs(args.check_tokens, model.config.hidden_size, device, dtype, args.seed)
     set_variant(model, "sdpa", args)
     ref, _ = forward(model, batch, device)
+    floor = float("nan")
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            other, _ = forward(model, batch, device)
+        floor = rel_err(other, ref)
     set_variant(model, "xattn-1.0", args)
     out, _ = forward(model, batch, device)
-    return rel_err(out, ref)
+    return rel_err(out, ref), floor
 
 
 def run_size(model, n: int, args, device, dtype, deadline: float) -> list[dict]:
@@ -216,9 +226,10 @@ def main(argv: list[str] | None = None) -> int:
 
     xta.register()
     model = build_model(config, device, dtype, args.seed)
-    check_err = check(model, args, device, dtype)
-    print(f"xattn threshold 1.0 vs sdpa at {args.check_tokens} tokens: relative error {check_err:.2e}", flush=True)
-    if not check_err < 2e-2:
+    check_err, floor = check(model, args, device, dtype)
+    print(f"xattn threshold 1.0 vs sdpa at {args.check_tokens} tokens: relative error {check_err:.2e} "
+          f"(noise floor, math SDPA vs the default: {floor:.2e})", flush=True)
+    if not check_err < max(2e-2, 3 * floor if floor == floor else 0.0):
         print("FAILED: xattn at threshold 1.0 does not reproduce sdpa; no timing", file=sys.stderr)
         return 1
     rows = []

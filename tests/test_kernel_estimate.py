@@ -212,11 +212,15 @@ def fp8_values64(x: torch.Tensor) -> torch.Tensor:
 def test_fp8_estimate_equals_the_definition_on_float8_values(causal, device):
     q = randn((1, 4, 300, 32), torch.bfloat16, device, seed=11, scale=3.0)
     k = randn((1, 2, 300, 32), torch.bfloat16, device, seed=12, scale=3.0)
-    got = block_scores_triton(q, k, stride=4, block_size=32, causal=causal, fp8=True)
+    got = block_scores_triton(q, k, stride=4, block_size=32, causal=causal, fp8=True).cpu().double()
     want = scores_from_definition(fp8_values64(q), fp8_values64(k), stride=4, block_size=32, causal=causal)
-    torch.testing.assert_close(got.cpu().double(), want, atol=2e-5, rtol=1e-4)
     exact = scores_from_definition(q, k, stride=4, block_size=32, causal=causal)
-    assert not torch.allclose(got.cpu().double(), exact, atol=1e-6)  # float8 really was used
+    if device == "cpu":  # the interpreter multiplies the float8 values exactly in float32
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    else:  # Hopper's float8 tensor cores accumulate with fewer bits than float32 (Triton's default for float8)
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+    # float8 values really were used: the result is nearer their scores than the exact ones
+    assert float((got - want).abs().max()) < 0.5 * float((got - exact).abs().max())
 
 
 def test_fp8_scores_stay_close_to_the_exact_ones_at_video_scale(device):
