@@ -51,6 +51,7 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -410,8 +411,8 @@ def run_variant(model, variant, inputs, args, clock, deadline, expected_s, ref_o
                 attention.append(totals["attention_ms"] + totals["estimate_ms"])
                 estimates.append(totals["estimate_ms"])
                 densities.append(totals["density"])
-    median = sorted(steps)[len(steps) // 2]
-    pick = steps.index(median)
+    median = statistics.median(steps)
+    pick = min(range(len(steps)), key=lambda i: abs(steps[i] - median))  # the forward whose breakdown is shown
     row.update(
         step_s=median / 1e3,
         steps_s=[s / 1e3 for s in steps],
@@ -481,7 +482,7 @@ def markdown(rows: list[dict]) -> str:
         if "step_s" in r and r["variant"] in ("stock", "dense"):
             base_steps.setdefault((r["size"], r["variant"]), []).extend(r["steps_s"])
     # a baseline measured twice (--dense-again): the median of all its forwards
-    base = {key: sorted(steps)[len(steps) // 2] for key, steps in base_steps.items()}
+    base = {key: statistics.median(steps) for key, steps in base_steps.items()}
     for r in rows:
         if "step_s" not in r:
             lines.append(f"| {r['size']} | {r['variant']} | {r['kind']} | {r.get('skipped') or r.get('error')} |")
