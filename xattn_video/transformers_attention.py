@@ -255,12 +255,16 @@ def xattn_attention_forward(
 
     from .attention import xattn_attention
 
-    out, call_stats = xattn_attention(
+    collecting = bool(_collectors)  # statistics wait for the GPU: only when someone collects them
+    result = xattn_attention(
         query, key, value, threshold=config.threshold, stride=config.stride, block_size=config.block_size,
-        causal=causal, backend=config.backend, scale=scaling, estimate_fp8=config.estimate_fp8, return_stats=True,
+        causal=causal, backend=config.backend, scale=scaling, estimate_fp8=config.estimate_fp8,
+        return_stats=collecting,
     )
-    layer = getattr(module, "layer_idx", None)
-    _record_xattn(-1 if layer is None else int(layer), query.shape[2], call_stats)
+    out = result[0] if collecting else result
+    if collecting:
+        layer = getattr(module, "layer_idx", None)
+        _record_xattn(-1 if layer is None else int(layer), query.shape[2], result[1])
     return out.transpose(1, 2).contiguous(), None
 
 
