@@ -11,8 +11,6 @@ override of ``attention.variants`` as a whole.
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -22,7 +20,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from xattn_video.config import check_backend, check_block_size, check_stride, check_threshold
+from .config_checks import COMMON_XATTN_KEYS, ConfigError, common_xattn_setting
+from .config_checks import check_bool as _bool
+from .config_checks import check_int as _int
+from .config_checks import check_keys as _check_keys
+from .config_checks import check_num as _num
+from .config_checks import check_opt_str as _opt_str
+from .config_checks import fail as _fail
+from .config_checks import string_override as _string_override
 
 # The embedded default: what `xattn-video generate` runs with no arguments. configs/tiny.yaml is the same
 # configuration as a file to copy from (a test keeps the two equal).
@@ -75,7 +80,7 @@ progress: auto              # auto (bars on a terminal only) | true | false
 
 DTYPES = ("float32", "float16", "bfloat16")
 MODES = ("dense", "xattn", "stock")
-XATTN_KEYS = ("threshold", "stride", "block_size", "warmup_steps", "dense_layers", "backend", "estimate_fp8")
+XATTN_KEYS = (*COMMON_XATTN_KEYS, "warmup_steps", "dense_layers")
 DEFAULT_NAMING = "{prompt_index:04d}_{slug}_seed{seed}_{k}"
 VBENCH_NAMING = "{prompt}-{index}"
 NAMING_FIELDS = ("prompt", "slug", "prompt_index", "seed", "k", "index")
@@ -85,14 +90,6 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 STRING_KEYS = ("model.id", "model.revision", "video.negative_prompt", "prompts.file", "prompts.vbench_file",
                "output.root", "output.naming")
 MAX_NAME_BYTES = 240  # file names: leaves room for ".latents.pt" under the usual 255-byte limit
-
-
-class ConfigError(ValueError):
-    """A configuration value is not allowed; the message names the key path, the value and what is allowed."""
-
-
-def _fail(path: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{path} = {value!r} is not allowed: {allowed}")
 
 
 # ----------------------------------------------------------------------------------------------- dataclasses
@@ -211,22 +208,6 @@ def _merge_layer(base: DictConfig, layer: dict, where: str) -> DictConfig:
         raise ConfigError(f"{where}: cannot merge: {e}".splitlines()[0]) from None
 
 
-def _string_override(key: str, raw: str) -> dict:
-    """A string-valued key taken verbatim (``output.naming={slug}`` is a template, not a YAML mapping)."""
-    value: str | None = raw
-    if raw in ("null", "~"):
-        value = None
-    elif len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
-        value = raw[1:-1]
-    layer: dict = {}
-    node = layer
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return layer
-
-
 def _parse_overrides(overrides: list[str]) -> list[tuple[str, dict]]:
     """Each ``key=value`` becomes its own nested mapping, so that each can be checked and merged in order.
 
@@ -287,47 +268,6 @@ def load_config(config_path: str | os.PathLike | None = None, overrides: list[st
 
 
 # ----------------------------------------------------------------------------------------------- validation
-
-
-def _check_keys(section: Any, path: str, allowed: tuple[str, ...] | list[str], why: str = "") -> dict:
-    if not isinstance(section, dict):
-        raise _fail(path, section, f"must be a mapping with keys {', '.join(allowed)}")
-    for key in section:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), list(allowed), n=1)
-            hint = f"; did you mean {path + '.' if path else ''}{close[0]}?" if close else ""
-            where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(f"{where} is not a known key: allowed keys are {', '.join(allowed)}{why}{hint}")
-    return section
-
-
-def _int(path: str, value: Any, lo: int | None = None, hi: int | None = None, what: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(path, value, what or "must be an integer")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise _fail(path, value, what or f"must be an integer {bounds}")
-    return value
-
-
-def _num(path: str, value: Any, lo: float, what: str, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _fail(path, value, what)
-    if value < lo or (strict and value == lo):
-        raise _fail(path, value, what)
-    return float(value)
-
-
-def _bool(path: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(path, value, "must be true or false")
-    return value
-
-
-def _opt_str(path: str, value: Any, what: str = "must be a string or null") -> str | None:
-    if value is not None and not isinstance(value, str):
-        raise _fail(path, value, what)
-    return value
 
 
 def _model(m: Any) -> ModelConfig:
@@ -431,26 +371,11 @@ def _dense_layers(path: str, value: Any) -> tuple[int, ...]:
 
 def _xattn_setting(path: str, key: str, value: Any, block_size: int) -> Any:
     """One XAttention parameter, checked by the same functions XAttnConfig uses, with the key path in front."""
-    try:
-        if key == "threshold":
-            return check_threshold(value)
-        if key == "block_size":
-            return check_block_size(value)
-        if key == "stride":
-            return check_stride(value, block_size)
-        if key == "backend":
-            return check_backend(value)
-    except (TypeError, ValueError) as e:
-        raise _fail(path, value, str(e)) from None
     if key == "warmup_steps":
         return _int(path, value, 0, None, "an integer >= 0 (the first denoising steps run dense)")
     if key == "dense_layers":
         return _dense_layers(path, value)
-    if key == "estimate_fp8":
-        if not isinstance(value, bool):
-            raise _fail(path, value, "true or false (score blocks on float8 copies of q and k)")
-        return value
-    raise AssertionError(key)
+    return common_xattn_setting(path, key, value, block_size)
 
 
 def _variants(a: Any) -> tuple[Variant, ...]:

@@ -16,9 +16,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from xattn_video.config import check_backend, check_block_size, check_stride, check_threshold
-
-from .generate_config import ConfigError, _check_keys, _fail, _int, _merge_layer, _num, _string_override
+from .config_checks import COMMON_XATTN_KEYS, ConfigError, common_xattn_setting
+from .config_checks import check_int as _int
+from .config_checks import check_keys as _check_keys
+from .config_checks import check_num as _num
+from .config_checks import fail as _fail
+from .config_checks import string_override as _string_override
+from .generate_config import _merge_layer
 
 INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the video. "
                "Respond with only the letter (A, B, C, or D) of the correct option.")
@@ -69,7 +73,7 @@ progress: auto              # auto (bars on a terminal only) | true | false
 DTYPES = ("float32", "float16", "bfloat16")
 PROCESSORS = ("auto", "real", "builtin")
 MODES = ("dense", "xattn")
-XATTN_KEYS = ("threshold", "stride", "block_size", "min_len", "backend", "vision", "estimate_fp8")
+XATTN_KEYS = (*COMMON_XATTN_KEYS, "min_len", "vision")
 STRING_KEYS = ("model.id", "model.revision", "data.questions", "data.videos", "data.subtitles", "output.root",
                "prompt.instruction", "prompt.suffix", "prompt.system")
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -235,28 +239,13 @@ def _prompt(p: Any) -> dict:
 
 
 def _xattn_setting(path: str, key: str, value: Any, block_size: int) -> Any:
-    try:
-        if key == "threshold":
-            return check_threshold(value)
-        if key == "block_size":
-            return check_block_size(value)
-        if key == "stride":
-            return check_stride(value, block_size)
-        if key == "backend":
-            return check_backend(value)
-    except (TypeError, ValueError) as e:
-        raise _fail(path, value, str(e)) from None
     if key == "min_len":
         return _int(path, value, block_size, None, f"an integer >= block_size={block_size}")
     if key == "vision":
         if value not in ("dense", "xattn"):
             raise _fail(path, value, "dense or xattn")
         return value
-    if key == "estimate_fp8":
-        if not isinstance(value, bool):
-            raise _fail(path, value, "true or false (score blocks on float8 copies of q and k)")
-        return value
-    raise AssertionError(key)
+    return common_xattn_setting(path, key, value, block_size)
 
 
 def _variants(a: Any) -> tuple[Variant, ...]:

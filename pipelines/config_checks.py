@@ -1,0 +1,99 @@
+"""Checks shared by the jobs' YAML configs (``generate``, ``videomme``): one place for how a bad value is
+reported (the key path, the value, what is allowed) and for the XAttention settings both accept."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any
+
+from xattn_video.config import check_backend, check_block_size, check_stride, check_threshold
+
+# XAttention settings every job's config accepts (each job adds its own, e.g. warmup_steps or min_len)
+COMMON_XATTN_KEYS = ("threshold", "stride", "block_size", "backend", "estimate_fp8")
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed; the message names the key path, the value and what is allowed."""
+
+
+def fail(path: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{path} = {value!r} is not allowed: {allowed}")
+
+
+def check_keys(section: Any, path: str, allowed: tuple[str, ...] | list[str], why: str = "") -> dict:
+    """``section`` as a mapping whose keys are all ``allowed`` (a close match is suggested for a typo)."""
+    if not isinstance(section, dict):
+        raise fail(path, section, f"must be a mapping with keys {', '.join(allowed)}")
+    for key in section:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            hint = f"; did you mean {path + '.' if path else ''}{close[0]}?" if close else ""
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"{where} is not a known key: allowed keys are {', '.join(allowed)}{why}{hint}")
+    return section
+
+
+def check_int(path: str, value: Any, lo: int | None = None, hi: int | None = None, what: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise fail(path, value, what or "must be an integer")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise fail(path, value, what or f"must be an integer {bounds}")
+    return value
+
+
+def check_num(path: str, value: Any, lo: float, what: str, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise fail(path, value, what)
+    if value < lo or (strict and value == lo):
+        raise fail(path, value, what)
+    return float(value)
+
+
+def check_bool(path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise fail(path, value, "must be true or false")
+    return value
+
+
+def check_opt_str(path: str, value: Any, what: str = "must be a string or null") -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise fail(path, value, what)
+    return value
+
+
+def common_xattn_setting(path: str, key: str, value: Any, block_size: int) -> Any:
+    """One of :data:`COMMON_XATTN_KEYS`, checked by the functions :class:`xattn_video.XAttnConfig` uses."""
+    try:
+        if key == "threshold":
+            return check_threshold(value)
+        if key == "block_size":
+            return check_block_size(value)
+        if key == "stride":
+            return check_stride(value, block_size)
+        if key == "backend":
+            return check_backend(value)
+    except (TypeError, ValueError) as e:
+        raise fail(path, value, str(e)) from None
+    if key == "estimate_fp8":
+        if not isinstance(value, bool):
+            raise fail(path, value, "true or false (score blocks on float8 copies of q and k)")
+        return value
+    raise KeyError(key)
+
+
+def string_override(key: str, raw: str) -> dict:
+    """A string-valued key taken verbatim (``output.naming={slug}`` is a template, not a YAML mapping)."""
+    value: str | None = raw
+    if raw in ("null", "~"):
+        value = None
+    elif len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        value = raw[1:-1]
+    layer: dict = {}
+    node = layer
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return layer
