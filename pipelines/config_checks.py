@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
+from collections.abc import Callable
 from typing import Any
 
 from xattn_video.config import check_backend, check_block_size, check_stride, check_threshold
@@ -97,3 +99,62 @@ def string_override(key: str, raw: str) -> dict:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return layer
+
+
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+def parse_variants(
+    a: Any,
+    *,
+    keys: tuple[str, ...],
+    setting: Callable[[str, str, Any, int], Any],
+    make: Callable[..., Any],
+    modes: tuple[str, ...],
+    reserved: tuple[str, ...] = (),
+) -> tuple:
+    """The ``attention`` section shared by the jobs: XAttention settings (``keys``, each checked by
+    ``setting(path, key, value, block_size)``) that every ``xattn`` variant inherits unless it sets its own,
+    ``variants`` (name -> {mode, settings}; modes other than xattn take no settings) and ``select`` (run only
+    these). Returns ``make(name=..., mode=..., **settings)`` for each selected variant, in order."""
+    check_keys(a, "attention", (*keys, "select", "variants"))
+    shared_block = setting("attention.block_size", "block_size", a["block_size"], 128)
+    shared = {k: setting(f"attention.{k}", k, a[k], shared_block) for k in keys}
+    variants = a["variants"]
+    if not isinstance(variants, dict) or not variants:
+        raise fail("attention.variants", variants, f"a mapping of variant name -> {{mode: {'|'.join(modes)}, ...}}")
+    out = []
+    for name, spec in variants.items():
+        path = f"attention.variants.{name}"
+        if not isinstance(name, str) or not VARIANT_NAME.match(name) or name in reserved:
+            not_these = f"; not {' or '.join(reserved)}" if reserved else ""
+            raise fail(path, name, "a variant name of letters, digits, _ and - (it names a folder; no dots, so "
+                                   f"overrides can reach it{not_these})")
+        spec = {} if spec is None else spec
+        if not isinstance(spec, dict):
+            raise fail(path, spec, "a mapping like {mode: xattn, threshold: 0.95}")
+        mode = spec.get("mode")
+        if mode not in modes:
+            raise fail(f"{path}.mode", mode, f"one of {', '.join(modes)}")
+        if mode != "xattn":
+            check_keys(spec, path, ("mode",), f" (mode {mode} has no XAttention settings)")
+            out.append(make(name=name, mode=mode))
+            continue
+        check_keys(spec, path, ("mode", *keys))
+        block = setting(f"{path}.block_size", "block_size", spec.get("block_size", shared["block_size"]), 128)
+        values = {}
+        for key in keys:
+            where = f"{path}.{key}" if key in spec else f"attention.{key}"
+            values[key] = setting(where, key, spec[key] if key in spec else shared[key], block)
+        out.append(make(name=name, mode=mode, **values))
+    select = a["select"]
+    if select is not None:
+        names = [v.name for v in out]
+        select = [select] if isinstance(select, str) else select
+        if not isinstance(select, list) or not select:
+            raise fail("attention.select", a["select"], f"null or a non-empty list of variant names from {names}")
+        for i, s in enumerate(select):
+            if s not in names:
+                raise fail(f"attention.select[{i}]", s, f"one of the variants {names}")
+        out = [v for v in out if v.name in select]
+    return tuple(out)

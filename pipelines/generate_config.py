@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config_checks import COMMON_XATTN_KEYS, ConfigError, common_xattn_setting
+from .config_checks import COMMON_XATTN_KEYS, ConfigError, common_xattn_setting, parse_variants
 from .config_checks import check_bool as _bool
 from .config_checks import check_int as _int
 from .config_checks import check_keys as _check_keys
@@ -84,8 +84,8 @@ XATTN_KEYS = (*COMMON_XATTN_KEYS, "warmup_steps", "dense_layers")
 DEFAULT_NAMING = "{prompt_index:04d}_{slug}_seed{seed}_{k}"
 VBENCH_NAMING = "{prompt}-{index}"
 NAMING_FIELDS = ("prompt", "slug", "prompt_index", "seed", "k", "index")
-RESERVED_VARIANT_NAMES = ("meta", "manifest")
-_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# folders of a run that are not variants: generate's sidecars and manifest, the quality/VBench/report outputs
+RESERVED_VARIANT_NAMES = ("meta", "manifest", "quality", "vbench", "attn-report")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 STRING_KEYS = ("model.id", "model.revision", "video.negative_prompt", "prompts.file", "prompts.vbench_file",
                "output.root", "output.naming")
@@ -362,6 +362,8 @@ def _seeds(seeds: Any) -> tuple[int, ...]:
 
 
 def _dense_layers(path: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, tuple):  # a shared setting already checked, inherited by a variant
+        value = list(value)
     if not isinstance(value, list):
         raise _fail(path, value, "a list of transformer block indices (>= 0), e.g. [0, 1]")
     for i, layer in enumerate(value):
@@ -379,53 +381,8 @@ def _xattn_setting(path: str, key: str, value: Any, block_size: int) -> Any:
 
 
 def _variants(a: Any) -> tuple[Variant, ...]:
-    _check_keys(a, "attention", (*XATTN_KEYS, "select", "variants"))
-    shared_block = _xattn_setting("attention.block_size", "block_size", a["block_size"], 128)
-    shared = {k: _xattn_setting(f"attention.{k}", k, a[k], shared_block) for k in XATTN_KEYS}
-    variants = a["variants"]
-    if not isinstance(variants, dict) or not variants:
-        raise _fail("attention.variants", variants, "a mapping of variant name -> {mode: dense|xattn|stock, ...}")
-    out = []
-    for name, spec in variants.items():
-        path = f"attention.variants.{name}"
-        if not isinstance(name, str) or not _VARIANT_NAME.match(name) or name in RESERVED_VARIANT_NAMES:
-            raise _fail(
-                path, name,
-                "a variant name of letters, digits, _ and - (it names a folder; no dots, so overrides can reach"
-                f" it; not {' or '.join(RESERVED_VARIANT_NAMES)})",
-            )
-        if spec is None:
-            spec = {}
-        if not isinstance(spec, dict):
-            raise _fail(path, spec, "a mapping like {mode: xattn, threshold: 0.95}")
-        mode = spec.get("mode")
-        if mode not in MODES:
-            raise _fail(f"{path}.mode", mode, f"one of {', '.join(MODES)}")
-        if mode == "xattn":
-            _check_keys(spec, path, ("mode", *XATTN_KEYS))
-            block = _xattn_setting(f"{path}.block_size", "block_size", spec.get("block_size", shared["block_size"]),
-                                   128)
-            values = {}
-            for key in XATTN_KEYS:
-                where = f"{path}.{key}" if key in spec else f"attention.{key}"
-                values[key] = _xattn_setting(where, key, spec.get(key, shared[key] if key != "dense_layers"
-                                                                  else list(shared[key])), block)
-            out.append(Variant(name=name, mode=mode, **values))
-        else:
-            _check_keys(spec, path, ("mode",), f" (mode {mode} has no XAttention settings)")
-            out.append(Variant(name=name, mode=mode))
-    select = a["select"]
-    if select is not None:
-        names = [v.name for v in out]
-        if isinstance(select, str):
-            select = [select]
-        if not isinstance(select, list) or not select:
-            raise _fail("attention.select", select, f"null or a non-empty list of variant names from {names}")
-        for i, s in enumerate(select):
-            if s not in names:
-                raise _fail(f"attention.select[{i}]", s, f"one of the variants {names}")
-        out = [v for v in out if v.name in select]
-    return tuple(out)
+    return parse_variants(a, keys=XATTN_KEYS, setting=_xattn_setting, make=Variant, modes=MODES,
+                          reserved=RESERVED_VARIANT_NAMES)
 
 
 def _output(o: Any, vbench: bool) -> OutputConfig:

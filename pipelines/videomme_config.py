@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config_checks import COMMON_XATTN_KEYS, ConfigError, common_xattn_setting
+from .config_checks import COMMON_XATTN_KEYS, ConfigError, common_xattn_setting, parse_variants
 from .config_checks import check_int as _int
 from .config_checks import check_keys as _check_keys
 from .config_checks import check_num as _num
@@ -76,7 +76,6 @@ MODES = ("dense", "xattn")
 XATTN_KEYS = (*COMMON_XATTN_KEYS, "min_len", "vision")
 STRING_KEYS = ("model.id", "model.revision", "data.questions", "data.videos", "data.subtitles", "output.root",
                "prompt.instruction", "prompt.suffix", "prompt.system")
-_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 
@@ -249,42 +248,7 @@ def _xattn_setting(path: str, key: str, value: Any, block_size: int) -> Any:
 
 
 def _variants(a: Any) -> tuple[Variant, ...]:
-    _check_keys(a, "attention", (*XATTN_KEYS, "select", "variants"))
-    shared_block = _xattn_setting("attention.block_size", "block_size", a["block_size"], 128)
-    shared = {k: _xattn_setting(f"attention.{k}", k, a[k], shared_block) for k in XATTN_KEYS}
-    variants = a["variants"]
-    if not isinstance(variants, dict) or not variants:
-        raise _fail("attention.variants", variants, "a mapping of variant name -> {mode: dense|xattn, ...}")
-    out = []
-    for name, spec in variants.items():
-        path = f"attention.variants.{name}"
-        if not isinstance(name, str) or not _VARIANT_NAME.match(name):
-            raise _fail(path, name, "a variant name of letters, digits, _ and - (it names a folder)")
-        spec = spec or {}
-        if not isinstance(spec, dict):
-            raise _fail(path, spec, "a mapping like {mode: xattn, threshold: 0.95}")
-        mode = spec.get("mode")
-        if mode not in MODES:
-            raise _fail(f"{path}.mode", mode, f"one of {', '.join(MODES)}")
-        if mode == "dense":
-            _check_keys(spec, path, ("mode",), " (mode dense has no XAttention settings)")
-            out.append(Variant(name=name, mode=mode))
-            continue
-        _check_keys(spec, path, ("mode", *XATTN_KEYS))
-        block = _xattn_setting(f"{path}.block_size", "block_size", spec.get("block_size", shared["block_size"]), 128)
-        values = {}
-        for key in XATTN_KEYS:
-            where = f"{path}.{key}" if key in spec else f"attention.{key}"
-            values[key] = _xattn_setting(where, key, spec.get(key, shared[key]), block)
-        out.append(Variant(name=name, mode=mode, **values))
-    select = a["select"]
-    if select is not None:
-        names = [v.name for v in out]
-        select = [select] if isinstance(select, str) else select
-        if not isinstance(select, list) or not select or any(s not in names for s in select):
-            raise _fail("attention.select", a["select"], f"null or a non-empty list of variant names from {names}")
-        out = [v for v in out if v.name in select]
-    return tuple(out)
+    return parse_variants(a, keys=XATTN_KEYS, setting=_xattn_setting, make=Variant, modes=MODES)
 
 
 def validate(resolved: dict) -> VideoMMEConfig:

@@ -131,6 +131,7 @@ def test_print_config_roundtrip(tmp_path):
         (["attention.variants.dense.threshold=0.5"], ["attention.variants.dense.threshold", "mode dense"]),
         (["attention.variants.bad.mode=sparse"], ["attention.variants.bad.mode", "'sparse'", "dense, xattn, stock"]),
         (["attention.variants={meta: {mode: dense}}"], ["attention.variants.meta", "not meta"]),
+        (["attention.variants={quality: {mode: dense}}"], ["attention.variants.quality", "or quality or"]),
         (["attention.select=[nope]"], ["attention.select[0]", "'nope'", "dense"]),
         (["video.frames=10"], ["video.frames", "10", "4k + 1"]),
         (["video.height=100"], ["video.height", "100", "multiple of 16"]),
