@@ -59,7 +59,10 @@ def test_read_frames_decodes_exactly_the_sampled_frames(tmp_path):
 
 def test_patchify_matches_transformers_qwen2vl_image_processor():
     """Two identical frames make one temporal patch, which is how Qwen2-VL's image processor treats an image:
-    a video [a, a, b, b] must equal the image processor's output for a then b (resize, normalise, order)."""
+    a video [a, a, b, b] must equal the image processor's output for a then b (resize, normalise, order), but
+    for resampling: the builtin path resizes with torch's kernel (that of the real video processor, see
+    test_qwen_real_processor.py), this processor with PIL's, which rounds some pixels one level apart when
+    both sides shrink, as here."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     rng = np.random.default_rng(0)
@@ -71,7 +74,9 @@ def test_patchify_matches_transformers_qwen2vl_image_processor():
     ref = image_proc(images=[a, b], return_tensors="pt")
     assert grid.tolist() == [[2, *ref["image_grid_thw"][0, 1:].tolist()]]
     assert grid[0, 1:].tolist() == ref["image_grid_thw"][1, 1:].tolist()
-    torch.testing.assert_close(pixels, ref["pixel_values"].float(), atol=1e-5, rtol=1e-5)
+    level = 1 / (255 * min(geometry.image_std))  # one uint8 level after normalisation: 0.0150
+    torch.testing.assert_close(pixels, ref["pixel_values"].float(), atol=level * 1.001, rtol=0)
+    assert ((pixels - ref["pixel_values"].float()).abs() > 1e-5).float().mean() < 0.02
 
 
 def test_odd_frame_count_repeats_the_last_frame():

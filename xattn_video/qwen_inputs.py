@@ -9,7 +9,7 @@ without it:
   video (the rule of the Qwen2-VL reference utilities: n = round(duration x fps), clamped, rounded down to a
   multiple of 2; indices spread evenly from the first frame to the last, rounded half up). ffmpeg decodes
   each video once and hands over the kept frames only.
-- :func:`patchify_video`: what Qwen2-VL's video processor documents: each frame resized (bicubic) to the
+- :func:`patchify_video`: what Qwen2-VL's video processor does: each frame resized (bicubic) to the
   ``smart_resize`` size (sides multiples of patch x merge, pixel count within [min_pixels, max_pixels],
   aspect kept), rescaled to [0, 1], normalised with the CLIP mean and std; frames padded to a multiple of the
   temporal patch by repeating the last; cut into patches ordered (t, h-block, w-block, h-in-merge,
@@ -20,9 +20,10 @@ without it:
   (2), as ``Qwen2VLProcessor`` does.
 - :class:`RealQwenProcessor`: the model's own ``AutoProcessor`` (needs torchvision), same call.
 
-Resizing differs in rounding only: the builtin path resizes with PIL's bicubic filter (as transformers'
-PIL image processor for Qwen2-VL does, and tests check it equals that processor), the real video processor
-with torchvision's. Real-model runs use the real processor whenever torchvision imports.
+The builtin path resizes with torch's antialiased uint8 bicubic interpolation, the very kernel torchvision's
+resize runs on CPU for the real video processor, and normalises in the same float32 operations: where
+torchvision imports, tests check both processors give equal tensors and tokens. Real-model runs use the real
+processor whenever torchvision imports.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def _ffmpeg_sync_args() -> list[str]:
 def read_frames(path: str | os.PathLike, *, fps: float, max_frames: int, min_frames: int = 4,
                 factor: int = 2) -> tuple[np.ndarray, dict]:
     """Decode the sampled frames of a video: uint8 [T, H, W, 3] and info (video fps, frame count, duration,
-    the kept indices and their times in seconds, the sampling rate obtained).
+    the kept indices and their times in seconds, the sampling rate obtained: kept / total x video fps).
 
     ffmpeg decodes the stream once and hands over only the kept frames (a ``select`` filter on the frame
     number that encodes :func:`sample_frame_indices`' rule), so an hour of video costs one decode, not an
@@ -141,7 +142,7 @@ def read_frames(path: str | os.PathLike, *, fps: float, max_frames: int, min_fra
         "total_frames": total,
         "indices": indices,
         "times_s": [i / video_fps for i in indices],
-        "sampled_fps": len(indices) / duration,
+        "sampled_fps": len(indices) / total * video_fps,  # as Qwen's reference and transformers' VideoMetadata
         "missing": missing,
     }
     return np.ascontiguousarray(np.stack(frames)), info
@@ -182,20 +183,23 @@ class QwenVideoGeometry:
 def patchify_video(frames: np.ndarray, geometry: QwenVideoGeometry) -> tuple[torch.Tensor, torch.Tensor]:
     """``pixel_values_videos`` float32 [patches, C x tp x p x p] and ``video_grid_thw`` int64 [1, 3] of one video
     given as uint8 frames [T, H, W, 3] (see the module docstring for the exact layout)."""
-    from PIL import Image
-
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or frames.shape[0] == 0:
         raise ValueError(f"frames must be uint8 [T, H, W, 3] with T >= 1, got {frames.dtype} {frames.shape}")
     height, width = geometry.frame_size(frames.shape[1], frames.shape[2])
-    mean = np.asarray(geometry.image_mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(geometry.image_std, dtype=np.float32)[:, None, None]
-    chw = []
-    for frame in frames:
-        resized = np.asarray(Image.fromarray(frame).resize((width, height), resample=Image.Resampling.BICUBIC))
-        scaled = (resized.astype(np.float64) * (1 / 255)).astype(np.float32).transpose(2, 0, 1)
-        chw.append((scaled - mean) / std)
-    video = np.stack(chw)  # [T, C, H, W]
+    # transformers' fused rescale + normalise, in its float32 operations: (x - mean / (1/255)) / (std / (1/255))
+    mean = (torch.tensor(geometry.image_mean) * (1.0 / (1 / 255))).view(-1, 1, 1)
+    std = (torch.tensor(geometry.image_std) * (1.0 / (1 / 255))).view(-1, 1, 1)
+    video = np.empty((frames.shape[0], 3, height, width), dtype=np.float32)
+    for start in range(0, frames.shape[0], 32):  # a few frames at a time: an hour of frames is not copied whole
+        chunk = torch.from_numpy(np.ascontiguousarray(frames[start:start + 32])).permute(0, 3, 1, 2).contiguous()
+        if (height, width) != tuple(chunk.shape[-2:]):
+            # the kernel torchvision's resize runs for uint8 bicubic on CPU (antialiased, fixed point, horizontal
+            # pass first). PIL's bicubic rounds its weights otherwise (+-1 level) and, when one side grows and the
+            # other shrinks, runs the shrinking pass first (up to ~25 levels apart on noise)
+            chunk = torch.nn.functional.interpolate(chunk, size=(height, width), mode="bicubic",
+                                                    align_corners=False, antialias=True)
+        video[start:start + 32] = chunk.to(torch.float32).sub_(mean).div_(std).numpy()
     tp, p, m = geometry.temporal_patch_size, geometry.patch_size, geometry.merge_size
     if pad := -video.shape[0] % tp:
         video = np.concatenate([video, np.repeat(video[-1:], pad, axis=0)])
@@ -243,7 +247,7 @@ class BuiltinQwenProcessor:
         pixel_values, grid = patchify_video(frames, self.geometry)
         text = prompt.replace(VIDEO_TOKEN, VIDEO_TOKEN * self.geometry.tokens(grid[0]))
         input_ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]], dtype=torch.long)
-        types = torch.zeros_like(input_ids, dtype=torch.int32)
+        types = torch.zeros_like(input_ids)  # int64, as Qwen2VLProcessor returns it
         types[input_ids == self.image_token_id] = 1
         types[input_ids == self.video_token_id] = 2
         out = {
