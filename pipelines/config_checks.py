@@ -158,3 +158,30 @@ def parse_variants(
                 raise fail(f"attention.select[{i}]", s, f"one of the variants {names}")
         out = [v for v in out if v.name in select]
     return tuple(out)
+
+
+def parse_overrides(overrides: list[str], string_keys: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """Each ``key=value`` becomes its own nested mapping, so that each can be checked and merged in order.
+
+    Values are YAML (``seeds=[0,1]``, ``model.vae_tiling=true``) except for ``string_keys``, which are taken
+    verbatim (``null`` still means null).
+    """
+    from omegaconf import OmegaConf
+
+    layers = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not allowed: write key=value, e.g. attention.threshold=0.95")
+        key, raw = (part.strip() for part in item.split("=", 1))
+        if not key or not re.fullmatch(r"[A-Za-z0-9_.\-]+", key):
+            raise ConfigError(f"override {item!r} is not allowed: the key must be a dotted path like model.id")
+        if key in string_keys:
+            layers.append((item, string_override(key, raw)))
+            continue
+        try:
+            layer = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
+        except Exception as e:  # YAML scanner errors as well as OmegaConf's
+            first = " ".join(str(e).split())
+            raise ConfigError(f"override {item!r} is not allowed: the value is not valid YAML ({first})") from None
+        layers.append((item, layer))
+    return layers

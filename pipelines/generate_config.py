@@ -20,14 +20,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config_checks import COMMON_XATTN_KEYS, ConfigError, common_xattn_setting, parse_variants
+from .config_checks import COMMON_XATTN_KEYS, ConfigError, common_xattn_setting, parse_overrides, parse_variants
 from .config_checks import check_bool as _bool
 from .config_checks import check_int as _int
 from .config_checks import check_keys as _check_keys
 from .config_checks import check_num as _num
 from .config_checks import check_opt_str as _opt_str
 from .config_checks import fail as _fail
-from .config_checks import string_override as _string_override
 
 # The embedded default: what `xattn-video generate` runs with no arguments. configs/tiny.yaml is the same
 # configuration as a file to copy from (a test keeps the two equal).
@@ -209,28 +208,7 @@ def _merge_layer(base: DictConfig, layer: dict, where: str) -> DictConfig:
 
 
 def _parse_overrides(overrides: list[str]) -> list[tuple[str, dict]]:
-    """Each ``key=value`` becomes its own nested mapping, so that each can be checked and merged in order.
-
-    Values are YAML (``seeds=[0,1]``, ``model.vae_tiling=true``) except for the string keys in
-    :data:`STRING_KEYS`, which are taken verbatim (``null`` still means null).
-    """
-    layers = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not allowed: write key=value, e.g. attention.threshold=0.95")
-        key, raw = (part.strip() for part in item.split("=", 1))
-        if not key or not re.fullmatch(r"[A-Za-z0-9_.\-]+", key):
-            raise ConfigError(f"override {item!r} is not allowed: the key must be a dotted path like video.steps")
-        if key in STRING_KEYS:
-            layers.append((item, _string_override(key, raw)))
-            continue
-        try:
-            layer = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
-        except Exception as e:  # YAML scanner errors as well as OmegaConf's
-            first = " ".join(str(e).split())
-            raise ConfigError(f"override {item!r} is not allowed: the value is not valid YAML ({first})") from None
-        layers.append((item, layer))
-    return layers
+    return parse_overrides(overrides, STRING_KEYS)
 
 
 def load_config(config_path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> (

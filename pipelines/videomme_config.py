@@ -16,12 +16,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config_checks import COMMON_XATTN_KEYS, ConfigError, common_xattn_setting, parse_variants
+from .config_checks import COMMON_XATTN_KEYS, ConfigError, common_xattn_setting, parse_overrides, parse_variants
 from .config_checks import check_int as _int
 from .config_checks import check_keys as _check_keys
 from .config_checks import check_num as _num
 from .config_checks import fail as _fail
-from .config_checks import string_override as _string_override
 from .generate_config import _merge_layer
 
 INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the video. "
@@ -115,22 +114,7 @@ def default_config() -> DictConfig:
 
 
 def _parse_overrides(overrides: list[str]) -> list[tuple[str, dict]]:
-    layers = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not allowed: write key=value, e.g. attention.threshold=0.95")
-        key, raw = (part.strip() for part in item.split("=", 1))
-        if not key or not re.fullmatch(r"[A-Za-z0-9_.\-]+", key):
-            raise ConfigError(f"override {item!r} is not allowed: the key must be a dotted path like video.fps")
-        if key in STRING_KEYS:
-            layers.append((item, _string_override(key, raw)))
-            continue
-        try:
-            layers.append((item, OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)))
-        except Exception as e:
-            raise ConfigError(f"override {item!r} is not allowed: the value is not valid YAML "
-                              f"({' '.join(str(e).split())})") from None
-    return layers
+    return parse_overrides(overrides, STRING_KEYS)
 
 
 def load_config(config_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> VideoMMEConfig:
