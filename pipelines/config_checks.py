@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from xattn_video.config import check_backend, check_block_size, check_stride, check_threshold
@@ -185,3 +187,46 @@ def parse_overrides(overrides: list[str], string_keys: tuple[str, ...] = ()) -> 
             raise ConfigError(f"override {item!r} is not allowed: the value is not valid YAML ({first})") from None
         layers.append((item, layer))
     return layers
+
+
+def resolve_layers(
+    default: Any,
+    config_path: str | os.PathLike | None,
+    overrides: list[str] | tuple[str, ...],
+    *,
+    merge_layer: Callable[[Any, dict, str], Any],
+    string_keys: tuple[str, ...] = (),
+    normalize: Callable[[dict], dict] = lambda layer: layer,
+) -> dict:
+    """The embedded default (an OmegaConf mapping), then the YAML file, then the ``key=value`` overrides, merged
+    and resolved into a plain dict for the job's ``validate``. A file, or an override of ``attention.variants``
+    as a whole, goes through ``merge_layer`` (which may replace rather than add); other overrides edit one key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cfg = default
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} is not allowed: no such file")
+        try:
+            layer = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        except Exception as e:  # YAML syntax errors come in several types
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if layer is None:
+            layer = {}
+        if not isinstance(layer, dict):
+            raise ConfigError(f"config file {str(path)!r} is not allowed: the top level must be a mapping")
+        cfg = merge_layer(cfg, layer, str(path))
+    for item, layer in parse_overrides(list(overrides), string_keys):
+        if item.split("=", 1)[0].strip() == "attention.variants":
+            cfg = merge_layer(cfg, layer, f"override {item!r}")
+            continue
+        try:  # a dotted override edits one key: never replace the variants mapping
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(normalize(layer)))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {item!r} is not allowed: {str(e).splitlines()[0]}") from None
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config cannot be resolved: {str(e).splitlines()[0]}") from None

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from .config_checks import COMMON_XATTN_KEYS, ConfigError, common_xattn_setting, parse_overrides, parse_variants
+from .config_checks import COMMON_XATTN_KEYS, ConfigError, common_xattn_setting, parse_variants, resolve_layers
 from .config_checks import check_int as _int
 from .config_checks import check_keys as _check_keys
 from .config_checks import check_num as _num
@@ -113,38 +112,12 @@ def default_config() -> DictConfig:
     return OmegaConf.create(DEFAULT_YAML)
 
 
-def _parse_overrides(overrides: list[str]) -> list[tuple[str, dict]]:
-    return parse_overrides(overrides, STRING_KEYS)
 
 
 def load_config(config_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> VideoMMEConfig:
     """Merge the embedded default, the YAML file and the overrides, then validate. Loads no model."""
-    cfg = default_config()
-    if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} is not allowed: no such file")
-        try:
-            layer = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        except Exception as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
-        if layer is None:
-            layer = {}
-        if not isinstance(layer, dict):
-            raise ConfigError(f"config file {str(path)!r} is not allowed: the top level must be a mapping")
-        cfg = _merge_layer(cfg, layer, str(path))
-    for item, layer in _parse_overrides(list(overrides)):
-        if item.split("=", 1)[0].strip() == "attention.variants":
-            cfg = _merge_layer(cfg, layer, f"override {item!r}")
-            continue
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.create(layer))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"override {item!r} is not allowed: {str(e).splitlines()[0]}") from None
-    try:
-        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"config cannot be resolved: {str(e).splitlines()[0]}") from None
+    resolved = resolve_layers(default_config(), config_path, overrides, merge_layer=_merge_layer,
+                              string_keys=STRING_KEYS)
     return validate(resolved)
 
 
