@@ -27,9 +27,11 @@ What a joint video attention layer (HunyuanVideo's double- and single-stream blo
 
 Padded text tokens: the mask the HunyuanVideo transformer builds is a key-padding mask ``[B, 1, 1, N]`` (True
 for the first ``video + valid text`` tokens), so under stock attention every query row, padded or not,
-attends to the valid keys only. The padded query rows are computed here the same way (dense SDPA of those
-rows over the valid keys), which reproduces stock for them too. They could not change the video anyway: padded
-tokens are masked out as keys in every layer and the transformer's output is read from the video tokens alone.
+attends to the valid keys only. On dense steps the padded query rows are computed the same way (one SDPA of
+all rows over the valid keys), which reproduces stock for them too. On sparse steps they ride in the sparse
+kernel's launch (see :meth:`XAttnProcessor.sparse_attention`) rather than costing a second, poorly parallel
+call. They cannot change the video either way: padded tokens are masked out as keys in every layer and the
+transformer's output is read from the video tokens alone.
 
 Attention modules that are not joint video attention (the text token refiner's self-attention) keep their
 stock behaviour: they are handed to diffusers' ``AttnProcessor2_0`` as their ``Attention`` would by default.
@@ -369,7 +371,7 @@ class XAttnProcessor:
     ) -> torch.Tensor:
         """The processor's attention step alone: q/k/v [B, H, N, D] with sample b valid on its first
         ``valid_lengths[b]`` tokens (default: all). Sparse (:meth:`sparse_attention` on each valid segment) or
-        ``dense``; padded query rows attend densely to the valid keys, as under stock's key-padding mask.
+        ``dense`` (padded query rows then attend to the valid keys, as under stock's key-padding mask).
         Not recorded in :attr:`stats`."""
         batch, _, n = q.shape[:3]
         lengths = [n] * batch if valid_lengths is None else [int(x) for x in valid_lengths]
@@ -378,7 +380,7 @@ class XAttnProcessor:
         return self._attend(q, k, v, lengths, dense)[0]
 
     def _attend(self, q, k, v, lengths: list[int], dense: bool):
-        """Attention of q/k/v [B, H, N, D] over each sample's valid prefix; padded query rows like stock.
+        """Attention of q/k/v [B, H, N, D] over each sample's valid prefix (padded query rows: see the module).
 
         Sparse calls write into one output laid out [B, N, H, D] (what the output projection reads, so the
         processor's reshape is free) and keep their statistics on the GPU until the forward ends."""
