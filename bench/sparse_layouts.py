@@ -3,7 +3,7 @@ random blocks at density 0.35) in the layouts the diffusers processor hands it (
 padded query rows appended as dense query blocks, heavy rows first) against contiguous tensors. Each case is
 checked against the contiguous one, then timed (median of 7). Prints one line a case.
 
-    python -m bench.sparse_layouts          # results in docs/results/sparse_layouts_h100_run*.log
+    python -m bench.sparse_layouts          # results: docs/results/sparse_layouts_h100_run1.log, run2.log
 """
 
 from __future__ import annotations
