@@ -363,15 +363,16 @@ def run_attn_report(
     report. ``pipeline``: an already loaded pipeline (tests); else the config's model is loaded."""
     from xattn_video.video_io import write_json_atomic, write_text_atomic, write_video
 
-    from . import generate
+    from . import generate, generate_plan
     from .generate_config import ConfigError
 
     chosen = pick_variant(cfg, variant)
-    prompts = generate.resolve_prompts(cfg)
+    prompts = generate_plan.resolve_prompts(cfg)
     if not 0 <= prompt_index < len(prompts):
         raise ConfigError(f"--prompt-index {prompt_index} is not allowed: the config has {len(prompts)} prompts "
                           f"(0..{len(prompts) - 1})")
-    job = next(j for j in generate.plan_jobs(cfg, prompts) if j.variant == chosen and j.prompt_index == prompt_index)
+    jobs = generate_plan.plan_jobs(cfg, prompts)
+    job = next(j for j in jobs if j.variant == chosen and j.prompt_index == prompt_index)
     folder = Path(output) if output is not None else Path(cfg.output.root) / "attn-report" / chosen.name
     device = generate.resolve_device(cfg.model.device, 0, cfg.model.cpu_offload)
     if pipeline is None:

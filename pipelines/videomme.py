@@ -256,7 +256,7 @@ def _now() -> str:
 
 def run_videomme(cfg: VideoMMEConfig, *, dry_run: bool = False) -> RunResult:
     """Answer every question not yet answered by every variant, append the answers, write the report."""
-    from .generate import append_manifest
+    from .generate_plan import append_manifest
     from .videomme_data import TableError, find_video, load_questions, load_subtitles, subtitles_at
 
     root = Path(cfg.output_root).expanduser()

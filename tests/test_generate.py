@@ -17,8 +17,9 @@ import torch
 
 from xattn_video import cli
 from xattn_video.pipelines import generate
-from xattn_video.pipelines.generate import Layout, plan_jobs, resolve_prompts, run_generate, summary_table
+from xattn_video.pipelines.generate import run_generate, summary_table
 from xattn_video.pipelines.generate_config import load_config
+from xattn_video.pipelines.generate_plan import Layout, plan_jobs, resolve_prompts
 from xattn_video.video_io import read_video, video_info
 
 SMALL = [

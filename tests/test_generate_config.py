@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from xattn_video.pipelines.generate import (
+from xattn_video.pipelines.generate_config import (
+    DEFAULT_YAML,
+    VBENCH_NAMING,
+    ConfigError,
+    load_config,
+    to_yaml,
+)
+from xattn_video.pipelines.generate_plan import (
     Layout,
     dist_env,
     job_state,
@@ -21,13 +28,6 @@ from xattn_video.pipelines.generate import (
     resolve_prompts,
     shard,
     slugify,
-)
-from xattn_video.pipelines.generate_config import (
-    DEFAULT_YAML,
-    VBENCH_NAMING,
-    ConfigError,
-    load_config,
-    to_yaml,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
