@@ -472,7 +472,7 @@ def run(args: argparse.Namespace) -> int:
     """``xattn-video attn-report``."""
     from xattn_video.cli import CommandError
 
-    from .generate import split_args
+    from .config_checks import split_args
     from .generate_config import ConfigError, load_config, to_yaml
 
     config_path, overrides = split_args(args.args)

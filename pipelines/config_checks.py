@@ -7,7 +7,7 @@ import difflib
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,14 @@ def parse_variants(
                 raise fail(f"attention.select[{i}]", s, f"one of the variants {names}")
         out = [v for v in out if v.name in select]
     return tuple(out)
+
+
+def split_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """A job's positionals ``[CONFIG.yaml] [key=value ...]``: a first item without '=' is the config file."""
+    items = list(items)
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
 
 
 def parse_overrides(overrides: list[str], string_keys: tuple[str, ...] = ()) -> list[tuple[str, dict]]:

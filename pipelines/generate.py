@@ -44,11 +44,12 @@ import sys
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from .config_checks import split_args
 from .generate_config import (
     ConfigError,
     GenerateConfig,
@@ -660,14 +661,6 @@ def _free_cuda(device: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
-
-
-def split_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
-    """``[CONFIG.yaml] [key=value ...]``: a first item without '=' is the config file."""
-    items = list(items)
-    if items and "=" not in items[0]:
-        return items[0], items[1:]
-    return None, items
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

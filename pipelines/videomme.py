@@ -501,7 +501,7 @@ def run(args: argparse.Namespace) -> int:
     """``xattn-video videomme``: 0 when every question got an answer from every variant, 1 when some failed."""
     from xattn_video.cli import CommandError
 
-    from .generate import split_args
+    from .config_checks import split_args
 
     config_path, overrides = split_args(args.args)
     try:
