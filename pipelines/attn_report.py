@@ -470,21 +470,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``xattn-video attn-report``."""
-    from xattn_video.cli import CommandError
+    from .config_checks import run_config_command
+    from .generate_config import load_config, to_yaml
 
-    from .config_checks import split_args
-    from .generate_config import ConfigError, load_config, to_yaml
-
-    config_path, overrides = split_args(args.args)
-    try:
-        cfg = load_config(config_path, overrides)
-        if args.print_config:
-            print(to_yaml(cfg), end="")
-            return 0
-        result = run_attn_report(cfg, variant=args.variant, prompt_index=args.prompt_index, output=args.output,
-                                 probe_dense=not args.no_probe, log=lambda m: print(m, file=sys.stderr))
-    except ConfigError as e:
-        raise CommandError(str(e)) from None
+    result = run_config_command(
+        args, load_config, to_yaml,
+        lambda cfg: run_attn_report(cfg, variant=args.variant, prompt_index=args.prompt_index, output=args.output,
+                                    probe_dense=not args.no_probe, log=lambda m: print(m, file=sys.stderr)),
+    )
+    if result is None:  # --print-config
+        return 0
     print(summary_lines(result.report))
     print(f"report: {result.folder} ({', '.join(p.name for p in result.files)})")
     return 0

@@ -170,6 +170,23 @@ def split_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
     return None, items
 
 
+def run_config_command(args: Any, load_config: Callable, to_yaml: Callable, job: Callable[[Any], Any]) -> Any:
+    """The front of every config-driven command: ``args.args`` is ``[CONFIG.yaml] [key=value ...]``; with
+    ``--print-config`` the resolved config is printed and None returned, else ``job(config)``'s result. A
+    ConfigError, from loading or from the job, becomes the CLI's one-line error."""
+    from xattn_video.cli import CommandError
+
+    config_path, overrides = split_args(args.args)
+    try:
+        cfg = load_config(config_path, overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return None
+        return job(cfg)
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
+
+
 def parse_overrides(overrides: list[str], string_keys: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
     """Each ``key=value`` becomes its own nested mapping, so that each can be checked and merged in order.
 

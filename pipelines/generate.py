@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from .config_checks import split_args
+from .config_checks import run_config_command
 from .generate_config import (
     ConfigError,
     GenerateConfig,
@@ -683,17 +683,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``xattn-video generate``: 0 when every video of this process's share exists, 1 when some failed."""
-    from xattn_video.cli import CommandError
-
-    config_path, overrides = split_args(args.args)
-    try:
-        cfg = load_config(config_path, overrides)
-        if args.print_config:
-            print(to_yaml(cfg), end="")
-            return 0
-        result = run_generate(cfg, rank=args.rank, world_size=args.world_size, dry_run=args.dry_run)
-    except ConfigError as e:
-        raise CommandError(str(e)) from None
+    result = run_config_command(
+        args, load_config, to_yaml,
+        lambda cfg: run_generate(cfg, rank=args.rank, world_size=args.world_size, dry_run=args.dry_run),
+    )
+    if result is None:  # --print-config
+        return 0
     if not args.dry_run:
         print(summary_table(result))
     for label, error in result.failures:

@@ -499,19 +499,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``xattn-video videomme``: 0 when every question got an answer from every variant, 1 when some failed."""
-    from xattn_video.cli import CommandError
+    from .config_checks import run_config_command
 
-    from .config_checks import split_args
-
-    config_path, overrides = split_args(args.args)
-    try:
-        cfg = load_config(config_path, overrides)
-        if args.print_config:
-            print(to_yaml(cfg), end="")
-            return 0
-        result = run_videomme(cfg, dry_run=args.dry_run)
-    except ConfigError as e:
-        raise CommandError(str(e)) from None
+    result = run_config_command(args, load_config, to_yaml, lambda cfg: run_videomme(cfg, dry_run=args.dry_run))
+    if result is None:  # --print-config
+        return 0
     if args.dry_run:
         print("\n".join(result.dry_run_lines))
         return 0
