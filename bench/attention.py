@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from xattn_video.estimate import BlockSelection
-from xattn_video.flex import flex_block_sparse_attention
+from xattn_video.core.estimate import BlockSelection
+from xattn_video.core.flex import flex_block_sparse_attention
+from xattn_video.core.reference import block_scores_torch, select_blocks_torch
 from xattn_video.kernels.block_sparse_attention import block_sparse_attention_triton
 from xattn_video.kernels.estimate import block_scores_triton
 from xattn_video.kernels.select import select_blocks_triton
-from xattn_video.reference import block_scores_torch, select_blocks_torch
-from xattn_video.synthetic import random_block_selection, video_like_qkv
+from xattn_video.testing.synthetic import random_block_selection, video_like_qkv
 
 # HunyuanVideo latent grids (129 frames -> 33 latent frames; 2x2 patches) plus 256 text tokens.
 SIZES = {

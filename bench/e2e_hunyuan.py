@@ -252,8 +252,8 @@ def first_blocks_only(model):
 
 def fixed_density_processor_class():
     from xattn_video import XAttnProcessor
-    from xattn_video.estimate import BlockSelection, checked_config, estimate_blocks
-    from xattn_video.synthetic import random_block_selection
+    from xattn_video.core.estimate import BlockSelection, checked_config, estimate_blocks
+    from xattn_video.testing.synthetic import random_block_selection
 
     class FixedDensityProcessor(XAttnProcessor):
         """XAttnProcessor whose block choice is replaced by random blocks at a fixed density (benchmarks only).
@@ -305,7 +305,7 @@ def set_variant(model, variant: str, args):
     from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
     import xattn_video
-    from xattn_video.steps import StepTracker
+    from xattn_video.diffusion.steps import StepTracker
 
     kind, value, fp8 = parse_variant(variant)
     tracker = StepTracker.of(model)

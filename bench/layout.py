@@ -14,7 +14,7 @@ import torch
 
 from bench.attention import SIZES, bench_ms, rel_err
 from xattn_video.kernels import block_scores_triton, block_sparse_attention_triton
-from xattn_video.synthetic import random_block_selection, video_like_qkv
+from xattn_video.testing.synthetic import random_block_selection, video_like_qkv
 
 
 def main(argv=None) -> int:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from bench.attention import bench_ms
-from xattn_video.estimate import append_dense_rows
+from xattn_video.core.estimate import append_dense_rows
 from xattn_video.kernels.block_sparse_attention import block_sparse_attention_triton
-from xattn_video.synthetic import random_block_selection
+from xattn_video.testing.synthetic import random_block_selection
 
 N, VALID, HEADS, DIM, BLOCK = 119056, 118920, 24, 128, 128
 

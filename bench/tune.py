@@ -18,7 +18,7 @@ from bench.attention import SIZES, bench_ms, rel_err, tflops
 from xattn_video.kernels.block_sparse_attention import block_sparse_attention_triton
 from xattn_video.kernels.estimate import block_scores_triton
 from xattn_video.kernels.select import select_blocks_triton
-from xattn_video.synthetic import random_block_selection, video_like_qkv
+from xattn_video.testing.synthetic import random_block_selection, video_like_qkv
 
 
 def tune_attention(q, k, v, heads, dim, repeats):

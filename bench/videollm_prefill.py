@@ -74,7 +74,7 @@ def build_model(config: dict, device: torch.device, dtype: torch.dtype, seed: in
 
 
 def set_variant(model, variant: str, args) -> None:
-    from xattn_video import transformers_attention as xta
+    from xattn_video.llm import transformers_attention as xta
 
     if variant == "sdpa":
         model.set_attn_implementation("sdpa")
@@ -133,7 +133,7 @@ def check(model, args, device, dtype) -> tuple[float, float]:
 
 
 def run_size(model, n: int, args, device, dtype, deadline: float) -> list[dict]:
-    from xattn_video import transformers_attention as xta
+    from xattn_video.llm import transformers_attention as xta
 
     batch = inputs(n, model.config.hidden_size, device, dtype, args.seed)
     rows, ref = [], None
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         args.tokens = args.tokens or DEFAULT_TOKENS
     if "sdpa" in args.variants:
         args.variants = ["sdpa"] + [v for v in args.variants if v != "sdpa"]  # the reference runs first
-    from xattn_video import transformers_attention as xta
+    from xattn_video.llm import transformers_attention as xta
 
     xta.register()
     model = build_model(config, device, dtype, args.seed)

@@ -1,5 +1,5 @@
 """Triton kernels of XAttention, installed as ``xattn_video.kernels``; one concern a file, each launcher
-checks its inputs and names the torch reference (``xattn_video.reference``) it equals:
+checks its inputs and names the torch reference (``xattn_video.core.reference``) it equals:
 
 - :func:`block_scores_triton` — fused antidiagonal block estimate (``estimate.py``);
 - :func:`select_blocks_triton` — threshold block selection (``select.py``);

@@ -2,10 +2,10 @@
 
 What it computes
     For query block ``qb`` of head ``h`` the kept key blocks are ``kv_indices[b, h, qb, :kv_count[b, h, qb]]``
-    (ascending; the format :func:`xattn_video.reference.select_blocks_torch` returns, and FlexAttention's
+    (ascending; the format :func:`xattn_video.core.reference.select_blocks_torch` returns, and FlexAttention's
     ``kv_num_blocks`` / ``kv_indices``). Each query row attends, with a softmax over exactly those keys
     (causal: also only keys at or before the query), to the matching values. The result equals
-    :func:`xattn_video.reference.block_sparse_attention_torch` with the boolean mask of those blocks, and with
+    :func:`xattn_video.core.reference.block_sparse_attention_torch` with the boolean mask of those blocks, and with
     every block kept it equals ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)``.
 
 Numerics
@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from xattn_video.inputs import check_qkv
+from xattn_video.core.inputs import check_qkv
 
 from ._launch import INTERPRETED, LOG2E, is_pow2, launch_fitting_stages
 

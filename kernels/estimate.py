@@ -6,7 +6,7 @@ What it computes
     keys with logits Q'K'^T * scale / S (causal: key j visible to row i iff j <= i) and its probabilities are
     summed per key block of B/S strided keys; a block score is the sum over the strided rows of its query
     block (strided rows made only of padding count 0). The result, float32 ``[B, H, ceil(Nq/B),
-    ceil(Nk/B)]``, equals :func:`xattn_video.reference.block_scores_torch`.
+    ceil(Nk/B)]``, equals :func:`xattn_video.core.reference.block_scores_torch`.
 
 Design
     The strided product is a GEMM of reduction depth S*D that is never materialised: for a tile of
@@ -44,8 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from xattn_video.config import check_block_size, check_stride
-from xattn_video.inputs import check_qkv
+from xattn_video.core.config import check_block_size, check_stride
+from xattn_video.core.inputs import check_qkv
 
 from ._launch import INTERPRETED, LOG2E, is_pow2, launch_fitting_stages
 
@@ -418,7 +418,7 @@ def block_scores_triton(
     reduce_cols: int = 64,
     reduce_warps: int = 4,
 ) -> torch.Tensor:
-    """Antidiagonal block scores; equals ``xattn_video.reference.block_scores_torch``.
+    """Antidiagonal block scores; equals ``xattn_video.core.reference.block_scores_torch``.
 
     q [B, H, Nq, D], k [B, Hkv, Nk, D] (H % Hkv == 0; any strides, the last dim is made contiguous when it
     is not), bf16/fp16/fp32, D <= 256; causal needs Nq == Nk. Returns float32

@@ -7,7 +7,7 @@ What it computes
     ``threshold >= 1`` keeps every valid block. Causal: only blocks at or left of the diagonal are valid
     (the others count as score 0 in the ranking and are never kept), and the diagonal and first blocks are
     always kept. Returns ``(mask, kv_count, kv_indices)`` exactly as
-    :func:`xattn_video.reference.select_blocks_torch` does on the same scores.
+    :func:`xattn_video.core.reference.select_blocks_torch` does on the same scores.
 
 Design
     No sort. For non-negative scores the exclusive running sum along the descending ranking never decreases,
@@ -119,7 +119,7 @@ def select_blocks_triton(
     rows_per_program: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pick the key blocks of each query-block row; equals ``xattn_video.reference.select_blocks_torch``.
+    """Pick the key blocks of each query-block row; equals ``xattn_video.core.reference.select_blocks_torch``.
 
     scores: float [B, H, nqb, nkb] (any strides; converted to float32). Returns ``(mask, kv_count,
     kv_indices)``: mask bool [B, H, nqb, nkb]; kv_count int32 [B, H, nqb]; kv_indices int32

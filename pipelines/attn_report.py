@@ -88,8 +88,8 @@ class _Cell:
 
 def _report_processor_class():
     """The recording processor, defined on first use so that importing this module stays light."""
-    from xattn_video.attention import PendingStats, xattn_attention
-    from xattn_video.hunyuan import XAttnProcessor
+    from xattn_video.core.attention import PendingStats, xattn_attention
+    from xattn_video.diffusion.hunyuan import XAttnProcessor
 
     class ReportProcessor(XAttnProcessor):
         """:class:`XAttnProcessor` that also runs dense attention beside each sparse call and records the
@@ -271,7 +271,7 @@ def layer_step_matrix(steps: list[dict], key: str, probe_key: str):
 
 def write_plots(report: dict, folder: Path) -> list[Path]:
     """The four PNGs of the report."""
-    from xattn_video import plots
+    from xattn_video.pipelines import plots
 
     steps = report["steps"]
     sparse = [s for s in steps if s["mode"] != "dense"]
@@ -361,7 +361,7 @@ def run_attn_report(
 ) -> AttnReport:
     """Run one generation of ``cfg`` (a validated generate config) with the recording processor; write the
     report. ``pipeline``: an already loaded pipeline (tests); else the config's model is loaded."""
-    from xattn_video.video_io import write_json_atomic, write_text_atomic, write_video
+    from xattn_video.pipelines.video_io import write_json_atomic, write_text_atomic, write_video
 
     from . import generate, generate_plan
     from .generate_config import ConfigError

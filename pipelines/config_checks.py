@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from xattn_video.config import check_backend, check_block_size, check_stride, check_threshold
+from xattn_video.core.config import check_backend, check_block_size, check_stride, check_threshold
 
 # XAttention settings every job's config accepts (each job adds its own, e.g. warmup_steps or min_len)
 COMMON_XATTN_KEYS = ("threshold", "stride", "block_size", "backend", "estimate_fp8")

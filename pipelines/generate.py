@@ -104,7 +104,7 @@ def load_pipeline(model: ModelConfig, device: str) -> Any:
     dtype = getattr(torch, model.dtype)
     transformer_dtype = getattr(torch, model.transformer_dtype or model.dtype)
     if model.id == "tiny":
-        from xattn_video.tiny import build_tiny_hunyuan_pipeline
+        from xattn_video.testing.tiny import build_tiny_hunyuan_pipeline
 
         pipe = build_tiny_hunyuan_pipeline(seed=0, dtype=dtype)
         if transformer_dtype != dtype:
@@ -296,7 +296,7 @@ def generate_video(pipe: Any, proc: Any, job: VideoJob, cfg: GenerateConfig, dev
     clock = StepClock(pipe, device)
     try:
         # the pipeline runs under no_grad itself; not inference_mode, whose tensors have no version counter
-        # (the step tracker of xattn_video.steps reads it)
+        # (the step tracker of xattn_video.diffusion.steps reads it)
         out = pipe(
             prompt=job.prompt,
             negative_prompt=v.negative_prompt,
@@ -392,7 +392,7 @@ def save_outputs(job: VideoJob, cfg: GenerateConfig, gen: Generated, layout: Lay
     """Write mp4, latents and sidecar, each atomically, the sidecar last: it marks the video finished."""
     import torch
 
-    from xattn_video.video_io import atomic_path, write_json_atomic, write_video
+    from xattn_video.pipelines.video_io import atomic_path, write_json_atomic, write_video
 
     t0 = time.perf_counter()
     write_video(layout.video(job), gen.frames, cfg.video.fps, crf=cfg.output.crf, tmp_dir=layout.partial)
@@ -561,7 +561,7 @@ def run_generate(
             log(f"  would make {job.label}.mp4  ({job.prompt!r}, seed {job.seed})")
         return _count_finished(result, jobs, layout, cfg)
     if rank == 0:
-        from xattn_video.video_io import write_text_atomic
+        from xattn_video.pipelines.video_io import write_text_atomic
 
         write_text_atomic(layout.config, to_yaml(cfg), tmp_dir=layout.partial)
     if not todo:

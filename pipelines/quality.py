@@ -6,8 +6,8 @@ VBench naming ({prompt}-{index}.mp4) included:
   xattn-video quality outputs/tiny                                     # a run folder: every variant vs dense
   xattn-video quality outputs/tiny --reference dense-bf16 --device cuda
 
-Metrics (xattn_video.metrics): PSNR in dB (identical frames give inf; a video's PSNR uses its MSE averaged over
-frames), SSIM (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, per RGB channel, averaged), LPIPS v0.1 AlexNet.
+Metrics (xattn_video.pipelines.metrics): PSNR in dB (identical frames give inf; a video's PSNR uses its MSE averaged
+over frames), SSIM (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, per RGB channel, averaged), LPIPS v0.1 AlexNet.
 LPIPS needs two weight files on this machine: torchvision's alexnet-owt-7be5be79.pth in torch.hub's cache
 ($TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints) and LPIPS's alex.pth (from an installed
 `lpips` package, `pip install --no-deps lpips`, or --lpips-weights). Nothing is downloaded: when a file is
@@ -190,7 +190,7 @@ def compare_frames(ref, cand, *, device: str, lpips_model: Any = None) -> dict:
     Raises QualityError when the frame counts or resolutions differ."""
     import numpy as np
 
-    from xattn_video import metrics
+    from xattn_video.pipelines import metrics
 
     if ref.shape[0] != cand.shape[0]:
         raise QualityError(f"frame counts differ: reference {ref.shape[0]}, candidate {cand.shape[0]}")
@@ -246,7 +246,7 @@ class QualityResult:
 def load_lpips(opts: QualityOptions, log: Callable[[str], None]) -> tuple[Any, dict]:
     """The LPIPS model on ``opts.device`` (or None) and the report's ``lpips`` entry. A weight file the user
     named explicitly that does not exist is an error; weights missing from the default places are a note."""
-    from xattn_video import metrics
+    from xattn_video.pipelines import metrics
 
     if not opts.lpips:
         return None, {"available": False, "reason": "disabled with --no-lpips"}
@@ -278,7 +278,7 @@ def run_quality(
     """Compare every candidate folder with the reference folder; write quality.json, quality.md and plots."""
     from tqdm.auto import tqdm
 
-    from xattn_video.video_io import read_video, write_json_atomic, write_text_atomic
+    from xattn_video.pipelines.video_io import read_video, write_json_atomic, write_text_atomic
 
     ref_videos = list_videos(reference)
     pairings = [pair_folders(ref_videos, folder, name, only_common=opts.only_common) for name, folder in candidates]
@@ -333,7 +333,7 @@ def run_quality(
                                                       lpips_model=lpips_model)
                     result = {"reference": str(ref_videos[name]), "candidate": str(cand_path), **result, "key": key}
                     if opts.plots and opts.strip_frames > 0:
-                        from xattn_video import plots as plotting
+                        from xattn_video.pipelines import plots as plotting
 
                         plots.append(plotting.frame_strip(
                             strip, ref_frames, cand_frames, strip_frames(ref_frames.shape[0], opts.strip_frames),
@@ -355,7 +355,7 @@ def run_quality(
     json_path = write_json_atomic(output / "quality.json", report, tmp_dir=partial)
     md_path = write_text_atomic(output / "quality.md", markdown_report(report), tmp_dir=partial)
     if opts.plots:
-        from xattn_video import plots as plotting
+        from xattn_video.pipelines import plots as plotting
 
         for p in pairings:
             curves = {name: [_from_json_number(x) for x in r["psnr_per_frame"]]
@@ -375,10 +375,10 @@ def run_quality(
 
 def mean_psnr_curves(per_candidate: dict[str, dict[str, dict]]) -> dict[str, list[float]]:
     """Per candidate, the per-frame PSNR averaged over its videos (those of the most common frame count);
-    infinite frames count as :data:`xattn_video.plots.PSNR_CAP_DB`, as drawn."""
+    infinite frames count as :data:`xattn_video.pipelines.plots.PSNR_CAP_DB`, as drawn."""
     from collections import Counter
 
-    from xattn_video.plots import PSNR_CAP_DB
+    from xattn_video.pipelines.plots import PSNR_CAP_DB
 
     out = {}
     for name, videos in per_candidate.items():

@@ -386,7 +386,7 @@ def summary_markdown(table: dict, baseline: str | None = None) -> str:
 
 
 def write_summary(root: Path, baseline: str | None = None) -> tuple[Path, Path]:
-    from xattn_video.video_io import write_json_atomic, write_text_atomic
+    from xattn_video.pipelines.video_io import write_json_atomic, write_text_atomic
 
     table = summarize(root)
     return (write_json_atomic(root / "summary.json", table),
@@ -413,7 +413,7 @@ def vbench_location(python: str) -> Path | None:
 def run_folder(job: FolderJob, dimensions: Sequence[str], *, python: str, cache: Path, device: str,
                full_info: Path | None, kwargs: dict, log: Callable[[str], None]) -> dict[str, list]:
     """Evaluate one folder with VBench in ``python`` (resuming per dimension); its merged results."""
-    from xattn_video.video_io import write_json_atomic
+    from xattn_video.pipelines.video_io import write_json_atomic
 
     job.output.mkdir(parents=True, exist_ok=True)
     for dim in dimensions:  # a results file VBench left half written is evaluated again

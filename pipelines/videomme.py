@@ -129,7 +129,7 @@ def load_model_and_processor(cfg: VideoMMEConfig, device: str) -> tuple[Any, Any
     """The model (sdpa to start with; variants switch it) and its processor."""
     import torch
 
-    from xattn_video import transformers_attention as xta
+    from xattn_video.llm import transformers_attention as xta
 
     xta.register()
     dtype = getattr(torch, cfg.model["dtype"])
@@ -137,7 +137,7 @@ def load_model_and_processor(cfg: VideoMMEConfig, device: str) -> tuple[Any, Any
     if cfg.model["id"] == "tiny":
         from dataclasses import replace
 
-        from xattn_video.tiny_qwen import TINY_GEOMETRY, build_tiny_qwen2vl, build_tiny_qwen_processor
+        from xattn_video.testing.tiny_qwen import TINY_GEOMETRY, build_tiny_qwen2vl, build_tiny_qwen_processor
 
         if cfg.model["processor"] == "real":
             raise ConfigError("model.processor = 'real' is not allowed with model.id = tiny: the tiny model has "
@@ -148,7 +148,7 @@ def load_model_and_processor(cfg: VideoMMEConfig, device: str) -> tuple[Any, Any
     else:
         from transformers import AutoModelForImageTextToText
 
-        from xattn_video.qwen_inputs import load_qwen_processor
+        from xattn_video.llm.qwen_inputs import load_qwen_processor
 
         model = AutoModelForImageTextToText.from_pretrained(
             cfg.model["id"], revision=cfg.model["revision"], dtype=dtype, attn_implementation="sdpa",
@@ -160,7 +160,7 @@ def load_model_and_processor(cfg: VideoMMEConfig, device: str) -> tuple[Any, Any
 
 def apply_variant(model: Any, variant: Variant) -> None:
     """Switch the model to the variant's attention: transformers' sdpa, or xattn with its settings."""
-    from xattn_video import transformers_attention as xta
+    from xattn_video.llm import transformers_attention as xta
 
     if variant.mode == "dense":
         model.set_attn_implementation("sdpa")
@@ -175,7 +175,7 @@ def answer_question(model: Any, processor: Any, inputs: dict, max_new_tokens: in
     """Greedy decoding of one prepared input; the response and what the attention did."""
     import torch
 
-    from xattn_video import transformers_attention as xta
+    from xattn_video.llm import transformers_attention as xta
 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -290,7 +290,7 @@ def run_videomme(cfg: VideoMMEConfig, *, dry_run: bool = False) -> RunResult:
         return result
 
     root.mkdir(parents=True, exist_ok=True)
-    from xattn_video.video_io import write_text_atomic
+    from xattn_video.pipelines.video_io import write_text_atomic
 
     write_text_atomic(root / "config.yaml", to_yaml(cfg))
     for path in paths.values():  # a line cut short by a kill must not swallow the next record
@@ -315,7 +315,7 @@ def run_videomme(cfg: VideoMMEConfig, *, dry_run: bool = False) -> RunResult:
     if todo:
         from tqdm.auto import tqdm
 
-        from xattn_video.qwen_inputs import read_frames, video_messages
+        from xattn_video.llm.qwen_inputs import read_frames, video_messages
 
         device = resolve_device(cfg.model["device"])
         model, processor = load_model_and_processor(cfg, device)
@@ -391,7 +391,7 @@ def _fmt(x: float | None, spec: str = ".1f", none: str = "-") -> str:
 def write_report(cfg: VideoMMEConfig, root: Path, keys: dict, paths: dict, question_ids: list[str],
                  bad_rows: list[str]) -> tuple[dict, str]:
     """report.json and report.md from the answers files (the current settings' last record per question)."""
-    from xattn_video.video_io import write_json_atomic, write_text_atomic
+    from xattn_video.pipelines.video_io import write_json_atomic, write_text_atomic
 
     wanted = set(question_ids) | set(bad_rows)
     per_variant = {v.name: {qid: r for qid, r in latest(read_answers(paths[v.name]), keys[v.name]).items()

@@ -244,7 +244,7 @@ def write_synthetic_videomme(folder: str | os.PathLike, *, n_videos: int = 3, qu
     """
     import numpy as np
 
-    from xattn_video.video_io import write_video
+    from xattn_video.pipelines.video_io import write_video
 
     folder = Path(folder)
     rng = np.random.default_rng(seed)

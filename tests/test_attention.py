@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from reference64 import antidiagonal_block_scores64, block_sparse_attention64, select_blocks64
 from xattn_video import XAttnConfig, estimate_block_mask, xattn_attention
-from xattn_video.synthetic import video_like_qkv
+from xattn_video.testing.synthetic import video_like_qkv
 
 BACKENDS = ["torch", "triton", "flex"]
 
@@ -214,7 +214,7 @@ def test_triton_without_cuda_or_interpreter_is_refused(monkeypatch):
 
 
 def test_random_block_selection_has_the_asked_density_in_compact_form():
-    from xattn_video.synthetic import random_block_selection
+    from xattn_video.testing.synthetic import random_block_selection
 
     sel = random_block_selection(2, 3, 10, 0.3, seed=5)
     assert torch.equal(sel.mask.sum(-1), torch.full((2, 3, 10), 3))

@@ -11,7 +11,7 @@ import torch
 
 from reference64 import antidiagonal_block_scores64, block_sparse_attention64, select_blocks64
 from xattn_video import cli
-from xattn_video.hunyuan import XAttnProcessor
+from xattn_video.diffusion.hunyuan import XAttnProcessor
 from xattn_video.pipelines.attn_report import run_attn_report
 from xattn_video.pipelines.generate_config import ConfigError, load_config
 
@@ -22,7 +22,7 @@ SMALL = ["video.height=64", "video.width=64", "video.frames=5", "video.steps=2",
 
 @pytest.fixture(scope="module")
 def pipe():
-    from xattn_video.tiny import build_tiny_hunyuan_pipeline
+    from xattn_video.testing.tiny import build_tiny_hunyuan_pipeline
 
     return build_tiny_hunyuan_pipeline(seed=0)
 

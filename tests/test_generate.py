@@ -20,7 +20,7 @@ from xattn_video.pipelines import generate
 from xattn_video.pipelines.generate import run_generate, summary_table
 from xattn_video.pipelines.generate_config import load_config
 from xattn_video.pipelines.generate_plan import Layout, plan_jobs, resolve_prompts
-from xattn_video.video_io import read_video, video_info
+from xattn_video.pipelines.video_io import read_video, video_info
 
 SMALL = [
     "video.height=64",
@@ -37,7 +37,7 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def pipe():
-    from xattn_video.tiny import build_tiny_hunyuan_pipeline
+    from xattn_video.testing.tiny import build_tiny_hunyuan_pipeline
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is faster and steadier next to other suites

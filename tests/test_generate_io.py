@@ -1,4 +1,4 @@
-"""Atomic writing of videos and sidecars (xattn_video.video_io): a final name only ever holds a whole file."""
+"""Atomic writing of videos and sidecars (xattn_video.pipelines.video_io): a final name only ever holds a whole file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xattn_video.video_io import (
+from xattn_video.pipelines.video_io import (
     atomic_path,
     read_video,
     to_uint8_frames,

@@ -18,9 +18,9 @@ from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PRO
 import xattn_video
 from reference64 import block_sparse_attention64
 from xattn_video import XAttnProcessor, estimate_block_mask, xattn_attention
-from xattn_video.steps import StepTracker
-from xattn_video.synthetic import video_like_qkv
-from xattn_video.tiny import build_tiny_hunyuan_pipeline
+from xattn_video.diffusion.steps import StepTracker
+from xattn_video.testing.synthetic import video_like_qkv
+from xattn_video.testing.tiny import build_tiny_hunyuan_pipeline
 
 GEN = dict(height=128, width=128, num_frames=9)  # 3 x 16 x 16 = 768 video tokens (six 128-token blocks)
 PROMPT = "a cat walks on the grass"
@@ -224,7 +224,7 @@ def test_projections_equal_stock_before_the_attention_call(monkeypatch):
     tokens only, text after video), in double- and single-stream blocks; the layer outputs then agree."""
     import diffusers.models.transformers.transformer_hunyuan_video as hv
 
-    from xattn_video.hunyuan import _project
+    from xattn_video.diffusion.hunyuan import _project
 
     pipe = build_tiny_hunyuan_pipeline(seed=0)
     model = pipe.transformer
@@ -315,10 +315,10 @@ def test_stats_dict_json_and_debug_log(tmp_path, caplog):
     replaced = xattn_video.enable(pipe, threshold=THRESHOLD, stride=8, warmup_steps=1)
     generate(pipe, steps=2)
     proc = xattn_video.enable(pipe, threshold=THRESHOLD, stride=8, warmup_steps=1)
-    with caplog.at_level(logging.DEBUG, logger="xattn_video.hunyuan"):
+    with caplog.at_level(logging.DEBUG, logger="xattn_video.diffusion.hunyuan"):
         generate(pipe, steps=2)
     # One line per forward, from the processor in use only (the replaced one keeps its old statistics).
-    lines = [r.getMessage() for r in caplog.records if r.name == "xattn_video.hunyuan"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "xattn_video.diffusion.hunyuan"]
     assert len(lines) == 2 and "step 0" in lines[0] and "dense" in lines[0] and "sparse" in lines[1]
     assert replaced.stats["totals"]["calls"] == 8
     stats = proc.stats

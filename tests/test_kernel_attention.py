@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from xattn_video.core.reference import block_sparse_attention_torch, select_blocks_torch
 from xattn_video.kernels.block_sparse_attention import block_sparse_attention_triton
-from xattn_video.reference import block_sparse_attention_torch, select_blocks_torch
 
 TOL = {
     torch.float32: {"atol": 2e-5, "rtol": 2e-5},

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from xattn_video.core.reference import block_scores_torch
 from xattn_video.kernels.estimate import _pick_chunk, block_scores_triton
-from xattn_video.reference import block_scores_torch
 
 
 def randn(shape, dtype, device, seed, scale=1.0):
@@ -225,7 +225,7 @@ def test_fp8_estimate_equals_the_definition_on_float8_values(causal, device):
 
 def test_fp8_scores_stay_close_to_the_exact_ones_at_video_scale(device):
     """At head_dim 128 and stride 8 the logits are divided by 8 * sqrt(128): float8 rounding barely moves them."""
-    from xattn_video.synthetic import video_like_qkv
+    from xattn_video.testing.synthetic import video_like_qkv
 
     q, k, _ = video_like_qkv(frames=4, height=8, width=16, text_tokens=64, heads=2, head_dim=128,
                              dtype=torch.bfloat16, device=device)  # fmt: skip

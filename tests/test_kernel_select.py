@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from xattn_video.core.reference import block_scores_torch, select_blocks_torch
 from xattn_video.kernels.select import select_blocks_triton
-from xattn_video.reference import block_scores_torch, select_blocks_torch
 
 
 def assert_same_selection(got, want):

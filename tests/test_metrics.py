@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xattn_video import metrics
-from xattn_video.metrics import LPIPS, find_lpips_weights, psnr_per_frame, ssim_per_frame, video_psnr
+from xattn_video.pipelines import metrics
+from xattn_video.pipelines.metrics import LPIPS, find_lpips_weights, psnr_per_frame, ssim_per_frame, video_psnr
 
 skimage_metrics = pytest.importorskip("skimage.metrics")
 

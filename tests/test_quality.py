@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from xattn_video import cli, metrics
-from xattn_video.pipelines import quality
-from xattn_video.video_io import read_video, write_video
+from xattn_video import cli
+from xattn_video.pipelines import metrics, quality
+from xattn_video.pipelines.video_io import read_video, write_video
 
 skimage_metrics = pytest.importorskip("skimage.metrics")
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from xattn_video.qwen_inputs import (
+from xattn_video.llm.qwen_inputs import (
     BuiltinQwenProcessor,
     RealQwenProcessor,
     load_qwen_processor,
@@ -24,14 +24,14 @@ from xattn_video.qwen_inputs import (
     torchvision_usable,
     video_messages,
 )
-from xattn_video.tiny_qwen import (
+from xattn_video.pipelines.video_io import write_video
+from xattn_video.testing.tiny_qwen import (
     build_tiny_qwen2_5_vl,
     build_tiny_qwen2vl,
     build_tiny_qwen_tokenizer,
     tiny_qwen2_5_vl_config,
     tiny_qwen2vl_config,
 )
-from xattn_video.video_io import write_video
 
 pytestmark = pytest.mark.skipif(not torchvision_usable(),
                                 reason="torchvision does not import: transformers' Qwen2-VL video processor needs it")

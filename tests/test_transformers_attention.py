@@ -7,9 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xattn_video import transformers_attention as xta
-from xattn_video.qwen_inputs import video_messages
-from xattn_video.tiny_qwen import build_tiny_qwen2_5_vl, build_tiny_qwen2vl, build_tiny_qwen_processor, save_tiny_qwen
+from xattn_video.llm import transformers_attention as xta
+from xattn_video.llm.qwen_inputs import video_messages
+from xattn_video.testing.tiny_qwen import (
+    build_tiny_qwen2_5_vl,
+    build_tiny_qwen2vl,
+    build_tiny_qwen_processor,
+    save_tiny_qwen,
+)
 
 SMALL = dict(block_size=16, stride=4, min_len=64)
 
@@ -245,7 +250,7 @@ def test_vision_tower_xattn_at_threshold_one_equals_sdpa(tiny):
 
 
 def test_estimate_fp8_reaches_xattn_attention(monkeypatch):
-    import xattn_video.attention as attention
+    import xattn_video.core.attention as attention
 
     seen = []
     real = attention.xattn_attention

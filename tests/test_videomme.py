@@ -215,7 +215,7 @@ def test_subtitles_reach_the_prompt(dataset, tmp_path, capsys):
 
 def test_real_loading_path_on_a_model_folder(dataset, tmp_path, capsys):
     """model.id as a checkpoint folder goes through from_pretrained and the processor loader, as a real model."""
-    from xattn_video.tiny_qwen import save_tiny_qwen
+    from xattn_video.testing.tiny_qwen import save_tiny_qwen
 
     folder = save_tiny_qwen(tmp_path / "tiny-qwen2vl")
     out = tmp_path / "run"

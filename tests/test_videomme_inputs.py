@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from xattn_video.qwen_inputs import (
+from xattn_video.llm.qwen_inputs import (
     QwenVideoGeometry,
     load_qwen_processor,
     patchify_video,
@@ -14,8 +14,8 @@ from xattn_video.qwen_inputs import (
     sample_frame_indices,
     video_messages,
 )
-from xattn_video.tiny_qwen import build_tiny_qwen_processor, build_tiny_qwen_tokenizer, save_tiny_qwen
-from xattn_video.video_io import write_video
+from xattn_video.pipelines.video_io import write_video
+from xattn_video.testing.tiny_qwen import build_tiny_qwen_processor, build_tiny_qwen_tokenizer, save_tiny_qwen
 
 
 def test_frame_sampling_rate_cap_and_spread():

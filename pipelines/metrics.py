@@ -1,7 +1,7 @@
 """Frame fidelity metrics, per frame: PSNR, SSIM and LPIPS of a candidate video against a reference.
 
 What the XAttention paper reports for video generation (sparse against full attention, same seed and prompt).
-Inputs are frames ``[T, H, W, 3]``: uint8 (as :func:`xattn_video.video_io.read_video` returns) or float in
+Inputs are frames ``[T, H, W, 3]``: uint8 (as :func:`xattn_video.pipelines.video_io.read_video` returns) or float in
 [0, 1]; both are measured on the 0..255 scale, so a float video and its uint8 rounding agree to the rounding.
 
 - PSNR: ``10 log10(255^2 / MSE)`` with the MSE over the pixels and the three channels of a frame; identical

@@ -111,9 +111,9 @@ def random_block_selection(
     batch: int, heads: int, n_blocks: int, density: float, *, device: str | torch.device = "cpu", seed: int = 0
 ):
     """A fixed-density stand-in for the estimate: each query-block row keeps round(density * n_blocks)
-    random key blocks (at least one). Returns a :class:`xattn_video.estimate.BlockSelection`."""
-    from .estimate import BlockSelection
-    from .reference import compact_blocks
+    random key blocks (at least one). Returns a :class:`xattn_video.core.estimate.BlockSelection`."""
+    from ..core.estimate import BlockSelection
+    from ..core.reference import compact_blocks
 
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")

@@ -73,7 +73,7 @@ class _Timer:
 def _sparse_attention(backend: str) -> Callable[..., torch.Tensor]:
     """``attend(q, k, v, selection, *, block_size, causal, scale, out)`` for a resolved backend."""
     if backend == "triton":
-        from .kernels.block_sparse_attention import block_sparse_attention_triton
+        from ..kernels.block_sparse_attention import block_sparse_attention_triton
 
         def run(q, k, v, sel: BlockSelection, **kw):
             return block_sparse_attention_triton(q, k, v, sel.kv_count, sel.kv_indices, **kw)

@@ -55,8 +55,8 @@ def estimate_blocks(
         return all_blocks(q, k.shape[2], block_size=config.block_size, causal=config.causal)
     use_triton = config.backend == "triton" or (config.backend == "flex" and q.is_cuda)
     if use_triton:
-        from .kernels.estimate import block_scores_triton
-        from .kernels.select import select_blocks_triton
+        from ..kernels.estimate import block_scores_triton
+        from ..kernels.select import select_blocks_triton
 
         scores = block_scores_triton(
             q,

@@ -37,7 +37,7 @@ Attention modules that are not joint video attention (the text token refiner's s
 stock behaviour: they are handed to diffusers' ``AttnProcessor2_0`` as their ``Attention`` would by default.
 
 Statistics (:attr:`XAttnProcessor.stats`, :meth:`~XAttnProcessor.save_stats`, debug-level logging on the
-``xattn_video.hunyuan`` logger after each forward): per generation, step and layer, the block density (kept
+``xattn_video.diffusion.hunyuan`` logger after each forward): per generation, step and layer, the block density (kept
 blocks / blocks of the valid segment; exactly 1.0 on dense steps and layers), the estimate time and the
 attention time in milliseconds (CUDA events on a GPU, read lazily; the wall clock on a CPU).
 """
@@ -56,9 +56,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .attention import PendingStats, XAttnStats, _per_head_total, _sparse_attention, _Timer
-from .config import XAttnConfig
-from .estimate import BlockSelection, append_dense_rows, checked_config, estimate_blocks
+from ..core.attention import PendingStats, XAttnStats, _per_head_total, _sparse_attention, _Timer
+from ..core.config import XAttnConfig
+from ..core.estimate import BlockSelection, append_dense_rows, checked_config, estimate_blocks
 from .steps import StepPosition, StepTracker, tensor_version
 
 __all__ = ["XAttnProcessor", "enable"]

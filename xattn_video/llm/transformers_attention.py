@@ -3,7 +3,7 @@
 After :func:`register`, any model whose attention goes through ``ALL_ATTENTION_FUNCTIONS`` (Qwen2-VL,
 Qwen2.5-VL, Llama, Qwen2, ...) accepts ``attn_implementation="xattn"``::
 
-    from xattn_video import transformers_attention as xta
+    from xattn_video.llm import transformers_attention as xta
     xta.register()                                    # once; configure() also registers
     xta.configure(threshold=0.9, stride=16, min_len=2048)
     model = Qwen2VLForConditionalGeneration.from_pretrained(path, attn_implementation="xattn")
@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from .config import check_backend, check_block_size, check_stride, check_threshold
+from ..core.config import check_backend, check_block_size, check_stride, check_threshold
 
 __all__ = [
     "NAME",
@@ -253,7 +253,7 @@ def xattn_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
 
-    from .attention import xattn_attention
+    from ..core.attention import xattn_attention
 
     collecting = bool(_collectors)  # statistics wait for the GPU: only when someone collects them
     result = xattn_attention(

@@ -12,7 +12,7 @@ vocabulary of printable characters and a few words, and a chat template that lay
 Qwen2-VL's does (default system turn, ``<|vision_start|><|video_pad|><|vision_end|>`` where a video goes,
 ``<|im_start|>assistant`` for the generation prompt).
 
-:func:`build_tiny_qwen_processor` pairs it with :class:`xattn_video.qwen_inputs.BuiltinQwenProcessor` at a
+:func:`build_tiny_qwen_processor` pairs it with :class:`xattn_video.llm.qwen_inputs.BuiltinQwenProcessor` at a
 small pixel range (56x56 to 112x112 frames: 4 to 16 LLM tokens a temporal patch). :func:`save_tiny_qwen`
 writes all of it as a model folder that ``from_pretrained`` and ``xattn-video videomme model.id=<folder>``
 load like a real checkpoint.
@@ -30,7 +30,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from .qwen_inputs import BuiltinQwenProcessor, QwenVideoGeometry
+from ..llm.qwen_inputs import BuiltinQwenProcessor, QwenVideoGeometry
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -150,7 +150,7 @@ def build_tiny_qwen2vl(seed: int = 0, *, attn_implementation: str = "sdpa",
                        dtype: torch.dtype = torch.float32) -> Qwen2VLForConditionalGeneration:
     """A tiny random Qwen2-VL in eval mode, deterministic for ``seed`` (the caller's RNG state is kept)."""
     if attn_implementation == "xattn":
-        from .transformers_attention import register
+        from ..llm.transformers_attention import register
 
         register()
     with torch.random.fork_rng(devices=[]):
@@ -192,7 +192,7 @@ def build_tiny_qwen2_5_vl(seed: int = 0, *, attn_implementation: str = "sdpa") -
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     if attn_implementation == "xattn":
-        from .transformers_attention import register
+        from ..llm.transformers_attention import register
 
         register()
     with torch.random.fork_rng(devices=[]):

@@ -1,0 +1,2 @@
+"""XAttention in diffusers: the HunyuanVideo processor, the `xattn` attention backend and denoising-step
+tracking."""

@@ -1,0 +1,2 @@
+"""XAttention in transformers: the `xattn` attention function for the prefill of video LLMs, and
+torchvision-free Qwen2-VL video inputs."""

@@ -1,0 +1,1 @@
+"""Fixtures made offline: tiny random pipelines and models built from configs, and synthetic video-like q/k."""
