@@ -377,7 +377,7 @@ def run_attn_report(
     device = generate.resolve_device(cfg.model.device, 0, cfg.model.cpu_offload)
     if pipeline is None:
         log(f"loading {cfg.model.id} on {device} ...")
-        pipeline = generate.load_pipeline(cfg.model, device)
+        pipeline = generate.load_pipeline(cfg.model, device, cfg.video)
     else:
         device = str(getattr(pipeline, "_execution_device", device))
     proc = ReportProcessor(threshold=chosen.threshold, stride=chosen.stride, block_size=chosen.block_size,
