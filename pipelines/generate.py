@@ -135,6 +135,8 @@ def apply_variant(pipe: Any, variant: Variant, steps: int) -> Any:
         settings = dict(threshold=variant.threshold, stride=variant.stride, block_size=variant.block_size,
                         warmup_steps=variant.warmup_steps, dense_layers=tuple(variant.dense_layers),
                         backend=variant.backend, estimate_fp8=variant.estimate_fp8)
+    if variant.min_len is not None:  # the xattn backend's (dense variants share attention.min_len)
+        settings["min_len"] = variant.min_len
     handle = xattn_video.enable(pipe, **settings)
     _ACTIVE[pipe] = handle
     return handle

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,8 @@ attention:                  # shared by every xattn variant unless the variant s
   dense_layers: []          # transformer block indices that always run dense
   backend: auto             # auto | triton | flex | torch
   estimate_fp8: false       # score blocks on float8 copies of q/k: ~2x faster estimate on Hopper
+  min_len: null             # xattn backend (every family but HunyuanVideo): self-attention shorter than this runs
+                            # native (null: the backend's default, 4096 tokens)
   select: null              # run only these variants (list of names); null: all
   variants:                 # name -> settings; one output folder each
     dense: {mode: dense}
@@ -89,7 +91,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 TINY_MODEL_IDS = {"tiny": "hunyuan", "tiny-hunyuan": "hunyuan", "tiny-hunyuan15": "hunyuan15", "tiny-wan21": "wan21",
                   "tiny-wan22_a14b": "wan22_a14b", "tiny-wan22_ti2v": "wan22_ti2v"}
 MODES = ("dense", "xattn", "stock")
-XATTN_KEYS = (*COMMON_XATTN_KEYS, "warmup_steps", "dense_layers")
+XATTN_KEYS = (*COMMON_XATTN_KEYS, "warmup_steps", "dense_layers", "min_len")
 DEFAULT_NAMING = "{prompt_index:04d}_{slug}_seed{seed}_{k}"
 VBENCH_NAMING = "{prompt}-{index}"
 NAMING_FIELDS = ("prompt", "slug", "prompt_index", "seed", "k", "index")
@@ -152,11 +154,14 @@ class Variant:
     dense_layers: tuple[int, ...] = ()
     backend: str | None = None
     estimate_fp8: bool | None = None
+    min_len: int | None = None  # xattn backend only; None: its default
 
     def settings(self) -> dict:
         """The settings that shape the video (no name): part of each video's fingerprint."""
         d = asdict(self)
         d.pop("name")
+        if d["min_len"] is None:  # added later: unset, it leaves the fingerprints of earlier videos as they were
+            d.pop("min_len")
         d["dense_layers"] = list(self.dense_layers)
         return d
 
@@ -356,12 +361,17 @@ def _xattn_setting(path: str, key: str, value: Any, block_size: int) -> Any:
         return _int(path, value, 0, None, "an integer >= 0 (the first denoising steps run dense)")
     if key == "dense_layers":
         return _dense_layers(path, value)
+    if key == "min_len":
+        return None if value is None else _int(path, value, 1, None, "an integer >= 1 (tokens), or null")
     return common_xattn_setting(path, key, value, block_size)
 
 
 def _variants(a: Any) -> tuple[Variant, ...]:
-    return parse_variants(a, keys=XATTN_KEYS, setting=_xattn_setting, make=Variant, modes=MODES,
-                          reserved=RESERVED_VARIANT_NAMES)
+    variants = parse_variants(a, keys=XATTN_KEYS, setting=_xattn_setting, make=Variant, modes=MODES,
+                              reserved=RESERVED_VARIANT_NAMES)
+    # the dense baseline goes through the same integration as the xattn variants: it shares their min_len
+    min_len = _xattn_setting("attention.min_len", "min_len", a["min_len"], 128)
+    return tuple(replace(v, min_len=min_len) if v.mode == "dense" else v for v in variants)
 
 
 def _output(o: Any, vbench: bool) -> OutputConfig:

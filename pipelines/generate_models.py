@@ -96,6 +96,15 @@ def check_family_settings(family: str, cfg: GenerateConfig) -> None:
     if cfg.output.keep_latents and family == "hunyuan15":
         raise ConfigError(f"output.keep_latents = true is not allowed for {name}: its pipeline has no step-end "
                           "callback to hand over the final latents (false)")
+    if family == "hunyuan":
+        attention = cfg.resolved.get("attention", {})
+        paths = [("attention.min_len", attention.get("min_len"))] + [
+            (f"attention.variants.{n}.min_len", (spec or {}).get("min_len"))
+            for n, spec in (attention.get("variants") or {}).items()]
+        for path, value in paths:
+            if value is not None:
+                raise ConfigError(f"{path} = {value} is not allowed for {name}: it runs through its own processor, "
+                                  "which takes no min_len (null)")
     step = PIXELS_PER_TOKEN[family]
     for key in ("height", "width"):
         if getattr(v, key) % step:
