@@ -248,9 +248,13 @@ class XAttnSession:
 
     # ----------------------------------------------------------------- attach / detach
 
-    def attach(self, transformers: list[torch.nn.Module], scheduler=None) -> XAttnSession:
-        """Hook the step count onto ``transformers`` (one shared count) and select ``xattn`` on their attention
-        processors, leaving diffusers' process-wide default backend as it was."""
+    def attach(
+        self, transformers: list[torch.nn.Module], scheduler=None, *, select_backend: bool = True
+    ) -> XAttnSession:
+        """Hook the step count onto ``transformers`` (one shared count) and, with ``select_backend``, select
+        ``xattn`` on their attention processors, leaving diffusers' process-wide default backend as it was.
+        Without it the processors keep their backend: select ``xattn`` yourself (``with attention_backend("xattn"):``
+        around the pipeline call, or ``set_attention_backend``)."""
         register_xattn_backend()
         layers = [_count_layers(t) for t in transformers]
         self.num_layers = layers[0] if len(set(layers)) == 1 else None
@@ -268,7 +272,8 @@ class XAttnSession:
         manager = private.StateManager(_ContextForwards)
         for transformer in transformers:
             register(transformer, XAttnStepHook(self, transformer, manager))
-            self._saved_backends.extend(_select_backend(transformer))
+            if select_backend:
+                self._saved_backends.extend(_select_backend(transformer))
         self._transformers = list(transformers)
         self.scheduler = scheduler
         self.tracker.reset()
@@ -327,6 +332,8 @@ def _select_backend(transformer: torch.nn.Module) -> list[tuple[object, object]]
     return saved
 
 
-def enable_backend(transformers: list[torch.nn.Module], scheduler=None, **settings) -> XAttnSession:
+def enable_backend(
+    transformers: list[torch.nn.Module], scheduler=None, *, select_backend: bool = True, **settings
+) -> XAttnSession:
     """An :class:`XAttnSession` with ``settings`` attached to ``transformers`` (see :func:`xattn_video.enable`)."""
-    return XAttnSession(**settings).attach(transformers, scheduler)
+    return XAttnSession(**settings).attach(transformers, scheduler, select_backend=select_backend)

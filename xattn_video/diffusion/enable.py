@@ -37,7 +37,7 @@ SUPPORTED_TRANSFORMERS = (
     "LTXVideoTransformer3DModel",
 )
 INTEGRATIONS = ("auto", "processor", "backend")
-_PROCESSOR_ONLY = ("warmup_fraction", "min_len")
+_BACKEND_ONLY = ("warmup_fraction", "min_len", "select_backend")
 
 
 def _names(obj) -> set[str]:
@@ -76,8 +76,9 @@ def enable(pipe_or_transformer, *, integration: str = "auto", **settings):
 
     ``integration``: "auto" (HunyuanVideo: its processor; others: the backend), "processor" (HunyuanVideo
     only) or "backend". ``settings``: threshold, stride, block_size, warmup_steps, dense_layers, backend,
-    estimate_fp8; with the backend also warmup_fraction and min_len. Calling it again replaces the earlier
-    set-up on those transformers.
+    estimate_fp8; with the backend also warmup_fraction, min_len and select_backend (default True: the
+    transformers' attention processors dispatch to ``xattn``; False leaves that to ``with
+    attention_backend("xattn"):``). Calling it again replaces the earlier set-up on those transformers.
     """
     if integration not in INTEGRATIONS:
         raise ValueError(f"integration must be one of {list(INTEGRATIONS)}, got {integration!r}")
@@ -91,7 +92,7 @@ def enable(pipe_or_transformer, *, integration: str = "auto", **settings):
                 f"integration='processor' is for HunyuanVideo only; {type(transformers[0]).__name__} uses "
                 "integration='backend'"
             )
-        extra = sorted(set(settings) & set(_PROCESSOR_ONLY))
+        extra = sorted(set(settings) & set(_BACKEND_ONLY))
         if extra:
             raise ValueError(f"{', '.join(extra)}: only with integration='backend' for HunyuanVideo")
         from .hunyuan import enable as enable_processor
