@@ -38,6 +38,7 @@ from typing import Any
 
 HELP = "per step, layer and head: XAttention's density and its error against dense attention, with heatmaps"
 REPORT_SCHEMA = 1
+REPORT_FAMILIES = ("hunyuan",)  # families whose attention the recording processor below can take over
 
 
 # ------------------------------------------------------------------------------------------------ recording
@@ -363,7 +364,7 @@ def run_attn_report(
     report. ``pipeline``: an already loaded pipeline (tests); else the config's model is loaded."""
     from xattn_video.pipelines.video_io import write_json_atomic, write_text_atomic, write_video
 
-    from . import generate, generate_plan
+    from . import generate, generate_models, generate_plan
     from .generate_config import ConfigError
 
     chosen = pick_variant(cfg, variant)
@@ -375,9 +376,17 @@ def run_attn_report(
     job = next(j for j in jobs if j.variant == chosen and j.prompt_index == prompt_index)
     folder = Path(output) if output is not None else Path(cfg.output.root) / "attn-report" / chosen.name
     device = generate.resolve_device(cfg.model.device, 0, cfg.model.cpu_offload)
+    family = generate_models.family_of(pipeline) if pipeline is not None else generate_models.family_of_model(cfg.model)
+    if family not in REPORT_FAMILIES:
+        # The per-head error needs dense attention beside each sparse call on the same q/k/v: the HunyuanVideo
+        # processor exposes both; the xattn backend (every other family) records density only.
+        raise ConfigError(f"model.id = {cfg.model.id!r} is not allowed: attn-report measures "
+                          f"{', '.join(generate_models.FAMILY_NAMES[f] for f in REPORT_FAMILIES)} (its XAttention "
+                          f"processor); {generate_models.FAMILY_NAMES[family]} runs the xattn backend, whose "
+                          "density per step and layer is in generate's sidecars")
     if pipeline is None:
         log(f"loading {cfg.model.id} on {device} ...")
-        pipeline = generate.load_pipeline(cfg.model, device)
+        pipeline = generate.load_pipeline(cfg.model, device, cfg.video)
     else:
         device = str(getattr(pipeline, "_execution_device", device))
     proc = ReportProcessor(threshold=chosen.threshold, stride=chosen.stride, block_size=chosen.block_size,

@@ -53,10 +53,21 @@ from .config_checks import run_config_command
 from .generate_config import (
     ConfigError,
     GenerateConfig,
-    ModelConfig,
     Variant,
     load_config,
     to_yaml,
+)
+from .generate_models import (
+    call_kwargs,
+    check_family_settings,
+    family_of,
+    family_of_model,
+    latent_channels,
+    load_image,
+    load_pipeline,
+    prepare_call,
+    supports_step_callback,
+    transformers_of,
 )
 from .generate_plan import (
     Layout,
@@ -97,47 +108,43 @@ def resolve_device(spec: str, local_rank: int, cpu_offload: bool) -> str:
     return device
 
 
-def load_pipeline(model: ModelConfig, device: str) -> Any:
-    """Load the HunyuanVideo pipeline (or build the tiny one) and apply the memory options."""
-    import torch
-
-    dtype = getattr(torch, model.dtype)
-    transformer_dtype = getattr(torch, model.transformer_dtype or model.dtype)
-    if model.id == "tiny":
-        from xattn_video.testing.tiny import build_tiny_hunyuan_pipeline
-
-        pipe = build_tiny_hunyuan_pipeline(seed=0, dtype=dtype)
-        if transformer_dtype != dtype:
-            pipe.transformer.to(transformer_dtype)
-    else:
-        from diffusers import HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
-
-        extra = {}
-        if transformer_dtype != dtype:
-            extra["transformer"] = HunyuanVideoTransformer3DModel.from_pretrained(
-                model.id, subfolder="transformer", torch_dtype=transformer_dtype, revision=model.revision
-            )
-        pipe = HunyuanVideoPipeline.from_pretrained(model.id, torch_dtype=dtype, revision=model.revision, **extra)
-    if model.vae_tiling:
-        pipe.vae.enable_tiling()
-    if model.cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    return pipe
-
-
 _STOCK_PROCESSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline -> what xattn_video.enable returned
 
 
 def apply_variant(pipe: Any, variant: Variant, steps: int) -> Any:
-    """Put the variant's attention processors on the transformer; return the XAttnProcessor (None for
-    ``stock``). The processor of the variant before stops listening to the step tracker.
+    """Put the variant's attention on the pipeline; return what :func:`xattn_video.enable` returned (its
+    ``stats`` feed the sidecar), None for ``stock``. The variant before is taken off first.
 
-    ``dense``: the project's processor with every step dense, i.e. unmasked attention over the valid tokens,
-    the fastest dense baseline (DESIGN.md), with the same statistics as the sparse variants.
-    ``stock``: the processors the pipeline came with (diffusers' masked attention).
+    ``dense``: the project's attention with every step dense (HunyuanVideo: unmasked attention over the valid
+    tokens, the fastest dense baseline, DESIGN.md), with the same statistics as the sparse variants.
+    ``stock``: the pipeline's own attention (diffusers' processors and native backend).
     """
+    import xattn_video
+
+    previous = _ACTIVE.pop(pipe, None)
+    if previous is not None:
+        previous.detach()
+    if family_of(pipe) == "hunyuan":
+        _stock_hunyuan_processors(pipe)
+    if variant.mode == "stock":
+        return None
+    if variant.mode == "dense":
+        settings: dict[str, Any] = dict(threshold=1.0, warmup_steps=steps)
+    else:
+        settings = dict(threshold=variant.threshold, stride=variant.stride, block_size=variant.block_size,
+                        warmup_steps=variant.warmup_steps, dense_layers=tuple(variant.dense_layers),
+                        backend=variant.backend, estimate_fp8=variant.estimate_fp8)
+    if variant.min_len is not None:  # the xattn backend's (dense variants share attention.min_len)
+        settings["min_len"] = variant.min_len
+    handle = xattn_video.enable(pipe, **settings)
+    _ACTIVE[pipe] = handle
+    return handle
+
+
+def _stock_hunyuan_processors(pipe: Any) -> None:
+    """HunyuanVideo's processor integration: detach any XAttnProcessor and put the stock processors back (the
+    ones the transformer came with; an XAttnProcessor set before we came is not stock)."""
     from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
     import xattn_video
@@ -145,28 +152,14 @@ def apply_variant(pipe: Any, variant: Variant, steps: int) -> Any:
     transformer = pipe.transformer
     current = dict(transformer.attn_processors)
     if transformer not in _STOCK_PROCESSORS:
-        _STOCK_PROCESSORS[transformer] = {  # an XAttnProcessor set before we came is not stock
+        _STOCK_PROCESSORS[transformer] = {
             name: HunyuanVideoAttnProcessor2_0() if isinstance(p, xattn_video.XAttnProcessor) else p
             for name, p in current.items()
         }
     for processor in {id(p): p for p in current.values()}.values():
         if isinstance(processor, xattn_video.XAttnProcessor):
             processor.detach()
-    if variant.mode == "stock":
-        transformer.set_attn_processor(dict(_STOCK_PROCESSORS[transformer]))
-        return None
-    if variant.mode == "dense":
-        return xattn_video.enable(pipe, threshold=1.0, warmup_steps=steps)
-    return xattn_video.enable(
-        pipe,
-        threshold=variant.threshold,
-        stride=variant.stride,
-        block_size=variant.block_size,
-        warmup_steps=variant.warmup_steps,
-        dense_layers=tuple(variant.dense_layers),
-        backend=variant.backend,
-        estimate_fp8=variant.estimate_fp8,
-    )
+    transformer.set_attn_processor(dict(_STOCK_PROCESSORS[transformer]))
 
 
 # ----------------------------------------------------------------------------------------------- one video
@@ -175,41 +168,57 @@ def apply_variant(pipe: Any, variant: Variant, steps: int) -> Any:
 class StepClock:
     """Wall time of each denoising step, of the text encoding before the first and the decoding after the last.
 
-    A forward pre-hook on the transformer marks a step's start (its first transformer call: true CFG makes
-    two), the pipeline's step-end callback marks its end. On CUDA both synchronise so the times are real.
-    The last step's latents are kept for ``output.keep_latents``.
+    Hooks on every transformer of the pipeline (Wan 2.2 A14B has two): a step starts at the first transformer
+    call under a new ``pipe.current_timestep`` (CFG makes two calls a step) and ends when its last call
+    returns. On CUDA the hooks synchronise so the times are real. Where the pipeline has a step-end callback,
+    the last step's latents are kept for ``output.keep_latents``.
     """
 
     def __init__(self, pipe: Any, device: str):
         import torch
 
         self._sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
-        self._handle = pipe.transformer.register_forward_pre_hook(self._pre)
+        self._pipe = pipe
+        self._handles = [handle for t in transformers_of(pipe)
+                         for handle in (t.register_forward_pre_hook(self._pre), t.register_forward_hook(self._post))]
         self.start = time.perf_counter()
         self.first_step_start: float | None = None
         self.last_step_end: float | None = None
         self._step_start: float | None = None
+        self._call_end: float | None = None
+        self._timestep: Any = None
         self.steps: list[float] = []
         self.latents = None
 
     def _pre(self, module: Any, args: Any) -> None:
-        if self._step_start is None:
-            self._sync()
-            self._step_start = time.perf_counter()
-            if self.first_step_start is None:
-                self.first_step_start = self._step_start
-
-    def on_step_end(self, pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+        timestep = getattr(self._pipe, "current_timestep", None)
+        if self._step_start is not None and timestep is self._timestep:
+            return  # another call of the same step
         self._sync()
         now = time.perf_counter()
-        self.steps.append(now - (self._step_start or now))
+        self.finish()
+        self._timestep, self._step_start = timestep, now
+        if self.first_step_start is None:
+            self.first_step_start = now
+
+    def _post(self, module: Any, args: Any, output: Any) -> None:
+        self._sync()
+        self._call_end = time.perf_counter()
+
+    def finish(self) -> None:
+        """Close the step in progress (the pipeline has returned, or the next step began)."""
+        if self._step_start is not None and self._call_end is not None:
+            self.steps.append(self._call_end - self._step_start)
+            self.last_step_end = self._call_end
         self._step_start = None
-        self.last_step_end = now
+
+    def on_step_end(self, pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
         self.latents = kwargs.get("latents")
         return {}
 
     def close(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
 
 def initial_latents(pipe: Any, cfg: GenerateConfig, seed: int, k: int) -> Any:
@@ -221,7 +230,7 @@ def initial_latents(pipe: Any, cfg: GenerateConfig, seed: int, k: int) -> Any:
     v = cfg.video
     shape = (
         cfg.videos_per_prompt,
-        pipe.transformer.config.in_channels,
+        latent_channels(pipe),
         (v.frames - 1) // pipe.vae_scale_factor_temporal + 1,
         v.height // pipe.vae_scale_factor_spatial,
         v.width // pipe.vae_scale_factor_spatial,
@@ -293,26 +302,19 @@ def generate_video(pipe: Any, proc: Any, job: VideoJob, cfg: GenerateConfig, dev
     if proc is not None:
         proc.reset_stats()
     _memory_reset(device)
+    family = family_of(pipe)
+    prepare_call(pipe, family, cfg)
+    image = load_image(v.image) if v.image is not None else None
     clock = StepClock(pipe, device)
     try:
         # the pipeline runs under no_grad itself; not inference_mode, whose tensors have no version counter
         # (the step tracker of xattn_video.diffusion.steps reads it)
-        out = pipe(
-            prompt=job.prompt,
-            negative_prompt=v.negative_prompt,
-            height=v.height,
-            width=v.width,
-            num_frames=v.frames,
-            num_inference_steps=v.steps,
-            guidance_scale=v.guidance_scale,
-            true_cfg_scale=v.true_cfg_scale,
-            latents=initial_latents(pipe, cfg, job.seed, job.k),
-            max_sequence_length=v.max_sequence_length,
-            output_type="np",
-            callback_on_step_end=clock.on_step_end,
-            callback_on_step_end_tensor_inputs=["latents"],
-        )
+        kwargs = call_kwargs(pipe, family, cfg, job.prompt, initial_latents(pipe, cfg, job.seed, job.k), image)
+        if supports_step_callback(pipe):
+            kwargs.update(callback_on_step_end=clock.on_step_end, callback_on_step_end_tensor_inputs=["latents"])
+        out = pipe(**kwargs)
         clock._sync()
+        clock.finish()
         end = time.perf_counter()
     finally:
         clock.close()
@@ -569,12 +571,14 @@ def run_generate(
 
     device = resolve_device(cfg.model.device, local_rank, cfg.model.cpu_offload)
     if pipeline is None:
+        check_family_settings(family_of_model(cfg.model), cfg)  # before any weights load
         log(f"loading {cfg.model.id} on {device} ...")
         t0 = time.perf_counter()
-        pipeline = load_pipeline(cfg.model, device)
+        pipeline = load_pipeline(cfg.model, device, cfg.video)
         log(f"loaded in {time.perf_counter() - t0:.1f} s")
     else:
         device = str(getattr(pipeline, "_execution_device", device))
+    check_family_settings(family_of(pipeline), cfg)
     _make_all(pipeline, todo, cfg, layout, result, log=log, device=device)
     return _count_finished(result, jobs, layout, cfg)
 

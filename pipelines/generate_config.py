@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,13 @@ from .config_checks import fail as _fail
 # configuration as a file to copy from (a test keeps the two equal).
 DEFAULT_YAML = """\
 model:
-  id: tiny                  # diffusers repo id or local folder of a HunyuanVideo pipeline, or "tiny"
+  id: tiny                  # diffusers repo id or local folder of a supported pipeline (HunyuanVideo,
+                            # HunyuanVideo 1.5, Wan 2.1, Wan 2.2 A14B / TI2V), "tiny" (HunyuanVideo) or
+                            # tiny-<family>: tiny-hunyuan15, tiny-wan21, tiny-wan22_a14b, tiny-wan22_ti2v
   revision: null            # hub revision (branch, tag or commit) for a repo id
   dtype: float32            # float32 | float16 | bfloat16: the whole pipeline
-  transformer_dtype: null   # the transformer alone (null: dtype)
+  transformer_dtype: null   # the transformer(s) alone (null: dtype)
+  vae_dtype: null           # the VAE alone (null: dtype; Wan decodes best in float32)
   device: auto              # auto (cuda:LOCAL_RANK when CUDA is there, else cpu) | cpu | cuda | cuda:N
   cpu_offload: false        # diffusers' enable_model_cpu_offload (needs CUDA)
   vae_tiling: false         # decode the video in tiles: needed for 720p x 129 frames on one GPU
@@ -45,10 +48,14 @@ video:
   frames: 9                 # 4k + 1 (the VAE compresses time by 4)
   fps: 8                    # frame rate written into the mp4
   steps: 4                  # denoising steps
-  guidance_scale: 6.0       # embedded guidance (HunyuanVideo's distilled guidance), 0 or more
-  true_cfg_scale: 1.0       # > 1 runs true classifier-free guidance (needs video.negative_prompt)
+  guidance_scale: 6.0       # HunyuanVideo: embedded (distilled) guidance; Wan, HunyuanVideo 1.5: classifier-free
+                            # guidance (> 1 also runs the negative prompt)
+  guidance_scale_2: null    # Wan 2.2 A14B: CFG of the low-noise transformer (null: guidance_scale)
+  true_cfg_scale: 1.0       # HunyuanVideo: > 1 runs true classifier-free guidance (needs video.negative_prompt)
   negative_prompt: null
-  max_sequence_length: 256  # text tokens
+  max_sequence_length: null # text tokens (null: the pipeline's, HunyuanVideo 256, Wan 512; HunyuanVideo 1.5: fixed)
+  flow_shift: null          # the flow-matching scheduler's timestep shift (null: the pipeline's scheduler config)
+  image: null               # image-to-video (Wan 2.2 TI2V): the first frame, an image file; null: text-to-video
 prompts:                    # one source: vbench_file, else file, else list
   list:
     - A cat walks on the grass, realistic style.
@@ -65,6 +72,8 @@ attention:                  # shared by every xattn variant unless the variant s
   dense_layers: []          # transformer block indices that always run dense
   backend: auto             # auto | triton | flex | torch
   estimate_fp8: false       # score blocks on float8 copies of q/k: ~2x faster estimate on Hopper
+  min_len: null             # xattn backend (every family but HunyuanVideo): self-attention shorter than this runs
+                            # native (null: the backend's default, 4096 tokens)
   select: null              # run only these variants (list of names); null: all
   variants:                 # name -> settings; one output folder each
     dense: {mode: dense}
@@ -78,16 +87,19 @@ progress: auto              # auto (bars on a terminal only) | true | false
 """
 
 DTYPES = ("float32", "float16", "bfloat16")
+# model.id values that build a tiny random pipeline offline (xattn_video.testing.tiny_pipelines) -> its family
+TINY_MODEL_IDS = {"tiny": "hunyuan", "tiny-hunyuan": "hunyuan", "tiny-hunyuan15": "hunyuan15", "tiny-wan21": "wan21",
+                  "tiny-wan22_a14b": "wan22_a14b", "tiny-wan22_ti2v": "wan22_ti2v"}
 MODES = ("dense", "xattn", "stock")
-XATTN_KEYS = (*COMMON_XATTN_KEYS, "warmup_steps", "dense_layers")
+XATTN_KEYS = (*COMMON_XATTN_KEYS, "warmup_steps", "dense_layers", "min_len")
 DEFAULT_NAMING = "{prompt_index:04d}_{slug}_seed{seed}_{k}"
 VBENCH_NAMING = "{prompt}-{index}"
 NAMING_FIELDS = ("prompt", "slug", "prompt_index", "seed", "k", "index")
 # folders of a run that are not variants: generate's sidecars and manifest, the quality/VBench/report outputs
 RESERVED_VARIANT_NAMES = ("meta", "manifest", "quality", "vbench", "attn-report")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
-STRING_KEYS = ("model.id", "model.revision", "video.negative_prompt", "prompts.file", "prompts.vbench_file",
-               "output.root", "output.naming")
+STRING_KEYS = ("model.id", "model.revision", "video.negative_prompt", "video.image", "prompts.file",
+               "prompts.vbench_file", "output.root", "output.naming")
 MAX_NAME_BYTES = 240  # file names: leaves room for ".latents.pt" under the usual 255-byte limit
 
 
@@ -100,6 +112,7 @@ class ModelConfig:
     revision: str | None
     dtype: str
     transformer_dtype: str | None
+    vae_dtype: str | None
     device: str
     cpu_offload: bool
     vae_tiling: bool
@@ -113,9 +126,12 @@ class VideoConfig:
     fps: float
     steps: int
     guidance_scale: float
+    guidance_scale_2: float | None
     true_cfg_scale: float
     negative_prompt: str | None
-    max_sequence_length: int
+    max_sequence_length: int | None
+    flow_shift: float | None
+    image: str | None
 
 
 @dataclass(frozen=True)
@@ -138,11 +154,14 @@ class Variant:
     dense_layers: tuple[int, ...] = ()
     backend: str | None = None
     estimate_fp8: bool | None = None
+    min_len: int | None = None  # xattn backend only; None: its default
 
     def settings(self) -> dict:
         """The settings that shape the video (no name): part of each video's fingerprint."""
         d = asdict(self)
         d.pop("name")
+        if d["min_len"] is None:  # added later: unset, it leaves the fingerprints of earlier videos as they were
+            d.pop("min_len")
         d["dense_layers"] = list(self.dense_layers)
         return d
 
@@ -222,16 +241,19 @@ def load_config(config_path: str | os.PathLike | None = None, overrides: list[st
 
 
 def _model(m: Any) -> ModelConfig:
-    _check_keys(m, "model", ("id", "revision", "dtype", "transformer_dtype", "device", "cpu_offload", "vae_tiling"))
+    _check_keys(m, "model", ("id", "revision", "dtype", "transformer_dtype", "vae_dtype", "device", "cpu_offload",
+                             "vae_tiling"))
     model_id = m["id"]
     if not isinstance(model_id, str) or not model_id.strip():
-        raise _fail("model.id", model_id, 'a diffusers repo id (org/name), a local folder, or "tiny"')
+        raise _fail("model.id", model_id, 'a diffusers repo id (org/name), a local folder, "tiny" or tiny-<family>')
+    if model_id.startswith("tiny-") and model_id not in TINY_MODEL_IDS:
+        raise _fail("model.id", model_id, f"one of the tiny models {', '.join(TINY_MODEL_IDS)}, or a repo id / folder")
     if model_id.startswith(("/", "./", "../", "~")) and not Path(model_id).expanduser().is_dir():
         raise _fail("model.id", model_id, "looks like a local path but is not a folder")
-    for key in ("dtype", "transformer_dtype"):
+    for key in ("dtype", "transformer_dtype", "vae_dtype"):
         value = m[key]
-        if not (value in DTYPES or (key == "transformer_dtype" and value is None)):
-            extra = " or null (same as model.dtype)" if key == "transformer_dtype" else ""
+        if not (value in DTYPES or (key != "dtype" and value is None)):
+            extra = " or null (same as model.dtype)" if key != "dtype" else ""
             raise _fail(f"model.{key}", value, f"one of {', '.join(DTYPES)}{extra}")
     device = m["device"]
     if not isinstance(device, str) or not _DEVICE.match(device):
@@ -244,6 +266,7 @@ def _model(m: Any) -> ModelConfig:
         revision=_opt_str("model.revision", m["revision"]),
         dtype=m["dtype"],
         transformer_dtype=m["transformer_dtype"],
+        vae_dtype=m["vae_dtype"],
         device=device,
         cpu_offload=cpu_offload,
         vae_tiling=_bool("model.vae_tiling", m["vae_tiling"]),
@@ -251,13 +274,13 @@ def _model(m: Any) -> ModelConfig:
 
 
 def _video(v: Any) -> VideoConfig:
-    keys = ("height", "width", "frames", "fps", "steps", "guidance_scale", "true_cfg_scale", "negative_prompt",
-            "max_sequence_length")
+    keys = ("height", "width", "frames", "fps", "steps", "guidance_scale", "guidance_scale_2", "true_cfg_scale",
+            "negative_prompt", "max_sequence_length", "flow_shift", "image")
     _check_keys(v, "video", keys)
     for key in ("height", "width"):
         value = v[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value % 16:
-            raise _fail(f"video.{key}", value, "a multiple of 16, at least 16 (VAE x8, patch x2)")
+            raise _fail(f"video.{key}", value, "a multiple of 16, at least 16 (VAE x8, patch x2; Wan 2.2 TI2V: of 32)")
     frames = v["frames"]
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1 or (frames - 1) % 4:
         raise _fail("video.frames", frames, "4k + 1 frames (1, 5, 9, ..., 129): the VAE compresses time by 4")
@@ -268,6 +291,10 @@ def _video(v: Any) -> VideoConfig:
             "video.true_cfg_scale", v["true_cfg_scale"],
             "> 1 needs video.negative_prompt (a string, may be empty): without it diffusers skips true CFG",
         )
+    image = _opt_str("video.image", v["image"], "a path to an image file, or null")
+    if image is not None and not Path(image).expanduser().is_file():
+        raise _fail("video.image", image, f"an existing image file (relative paths start at {os.getcwd()})")
+    length = v["max_sequence_length"]
     return VideoConfig(
         height=v["height"],
         width=v["width"],
@@ -275,9 +302,15 @@ def _video(v: Any) -> VideoConfig:
         fps=_num("video.fps", v["fps"], 0.0, "a number > 0", strict=True),
         steps=_int("video.steps", v["steps"], 1, 1000),
         guidance_scale=_num("video.guidance_scale", v["guidance_scale"], 0.0, "a number >= 0"),
+        guidance_scale_2=None if v["guidance_scale_2"] is None else _num(
+            "video.guidance_scale_2", v["guidance_scale_2"], 0.0, "a number >= 0, or null (same as guidance_scale)"),
         true_cfg_scale=true_cfg,
         negative_prompt=negative,
-        max_sequence_length=_int("video.max_sequence_length", v["max_sequence_length"], 1, 4096),
+        max_sequence_length=None if length is None else _int(
+            "video.max_sequence_length", length, 1, 4096, "an integer in [1, 4096], or null (the pipeline's)"),
+        flow_shift=None if v["flow_shift"] is None else _num(
+            "video.flow_shift", v["flow_shift"], 0.0, "a number > 0, or null (the scheduler's own)", strict=True),
+        image=image,
     )
 
 
@@ -328,12 +361,17 @@ def _xattn_setting(path: str, key: str, value: Any, block_size: int) -> Any:
         return _int(path, value, 0, None, "an integer >= 0 (the first denoising steps run dense)")
     if key == "dense_layers":
         return _dense_layers(path, value)
+    if key == "min_len":
+        return None if value is None else _int(path, value, 1, None, "an integer >= 1 (tokens), or null")
     return common_xattn_setting(path, key, value, block_size)
 
 
 def _variants(a: Any) -> tuple[Variant, ...]:
-    return parse_variants(a, keys=XATTN_KEYS, setting=_xattn_setting, make=Variant, modes=MODES,
-                          reserved=RESERVED_VARIANT_NAMES)
+    variants = parse_variants(a, keys=XATTN_KEYS, setting=_xattn_setting, make=Variant, modes=MODES,
+                              reserved=RESERVED_VARIANT_NAMES)
+    # the dense baseline goes through the same integration as the xattn variants: it shares their min_len
+    min_len = _xattn_setting("attention.min_len", "min_len", a["min_len"], 128)
+    return tuple(replace(v, min_len=min_len) if v.mode == "dense" else v for v in variants)
 
 
 def _output(o: Any, vbench: bool) -> OutputConfig:
@@ -399,6 +437,7 @@ def to_yaml(cfg: GenerateConfig) -> str:
 
 __all__ = [
     "DEFAULT_YAML",
+    "TINY_MODEL_IDS",
     "ConfigError",
     "GenerateConfig",
     "ModelConfig",

@@ -86,9 +86,12 @@ def slugify(text: str, max_len: int = 48) -> str:
 
 
 def _fingerprint(cfg: GenerateConfig, variant: Variant, prompt: str, seed: int, k: int) -> str:
+    # keys added later count only when set, so videos made before they existed keep their fingerprints
+    later = {"model": ("vae_dtype",), "video": ("guidance_scale_2", "flow_shift", "image")}
+    model = {k_: getattr(cfg.model, k_) for k_ in ("id", "revision", "dtype", "transformer_dtype", "vae_dtype")}
     shape = {
-        "model": {k_: getattr(cfg.model, k_) for k_ in ("id", "revision", "dtype", "transformer_dtype")},
-        "video": cfg.video.__dict__,
+        "model": {k_: x for k_, x in model.items() if not (k_ in later["model"] and x is None)},
+        "video": {k_: x for k_, x in cfg.video.__dict__.items() if not (k_ in later["video"] and x is None)},
         "attention": variant.settings(),
         "prompt": prompt,
         "seed": seed,

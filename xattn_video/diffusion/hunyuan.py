@@ -44,14 +44,10 @@ attention time in milliseconds (CUDA events on a GPU, read lazily; the wall cloc
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import tempfile
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +55,9 @@ import torch.nn.functional as F
 from ..core.attention import PendingStats, XAttnStats, _per_head_total, _sparse_attention, _Timer
 from ..core.config import XAttnConfig
 from ..core.estimate import BlockSelection, append_dense_rows, checked_config, estimate_blocks
+from .stats import StepStats, write_json_atomic
+from .stats import blocks as _blocks
+from .stats import summary as _summary
 from .steps import StepPosition, StepTracker, tensor_version
 
 __all__ = ["XAttnProcessor", "enable"]
@@ -91,53 +90,6 @@ def _dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
         with ctx:
             return F.scaled_dot_product_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
-
-
-# ---------------------------------------------------------------------------------------------- statistics
-
-
-@dataclass
-class _Record:
-    """Accumulated calls of one layer at one step (two calls with true CFG)."""
-
-    mode: str
-    calls: int = 0
-    kept: int = 0
-    total: int = 0
-    estimate_ms: float = 0.0
-    attention_ms: float = 0.0
-    # _Timer (attention phases) and PendingStats (sparse calls) whose numbers still live on the GPU: read once
-    # the forward is done, so that no layer waits for the GPU
-    pending: list = field(default_factory=list)
-
-    def add(self, mode: str, kept: int, total: int, estimate_ms: float, attention_ms: float, timers: list) -> None:
-        if mode != self.mode:
-            self.mode = "mixed"
-        self.calls += 1
-        self.kept += kept
-        self.total += total
-        self.estimate_ms += estimate_ms
-        self.attention_ms += attention_ms
-        self.pending.extend(timers)
-
-    def resolve(self) -> None:
-        for item in self.pending:
-            if isinstance(item, PendingStats):
-                stats = item.resolve()
-                self.kept += stats.kept_blocks
-                self.estimate_ms += stats.estimate_ms
-                self.attention_ms += stats.attention_ms
-            else:
-                self.attention_ms += sum(item.phases_ms())
-        self.pending.clear()
-
-    @property
-    def density(self) -> float:
-        return self.kept / self.total if self.total else 1.0
-
-
-def _blocks(n: int, block_size: int) -> int:
-    return math.ceil(n / block_size)
 
 
 # ---------------------------------------------------------------------------------------------- processor
@@ -193,8 +145,7 @@ class XAttnProcessor:
         self.dense_layers = frozenset(_check_nonneg_int("dense_layers entries", i) for i in dense_layers)
         self._tracker: StepTracker | None = None
         self._layers: dict[torch.nn.Module, tuple[int, str]] = {}
-        self._records: dict[tuple, _Record] = {}
-        self._timesteps: dict[tuple[int, int], float] = {}
+        self._stats = StepStats(self._layer_kind)
         self._mask_cache: tuple | None = None
         self._stock = None
         self._warned: set[str] = set()
@@ -494,15 +445,7 @@ class XAttnProcessor:
 
     def _record(self, position, layer, mode, kept, total, estimate_ms, attention_ms, timers) -> None:
         self._last_position = position
-        if position is None:
-            key = (None, None, None)
-        else:
-            key = (position.generation, position.step, layer[0] if layer else None)
-            self._timesteps[(position.generation, position.step)] = position.timestep
-        record = self._records.get(key)
-        if record is None:
-            record = self._records[key] = _Record(mode)
-        record.add(mode, kept, total, estimate_ms, attention_ms, timers)
+        self._stats.record(position, layer[0] if layer else None, mode, kept, total, estimate_ms, attention_ms, timers)
 
     def _layer_kind(self, index: int | None) -> str | None:
         for i, kind in self._layers.values():
@@ -520,80 +463,22 @@ class XAttnProcessor:
         step with both; a step's density is kept / total blocks over its layers. ``totals`` sums everything.
         ``untracked`` (present only when used) aggregates calls made without an attached tracker.
         """
-        for record in self._records.values():
-            record.resolve()
-        generations: dict[int, dict[int, list]] = {}
-        untracked = None
-        for (gen, step, layer), record in sorted(self._records.items(), key=lambda kv: _sort_key(kv[0])):
-            if gen is None:
-                untracked = record
-                continue
-            generations.setdefault(gen, {}).setdefault(step, []).append((layer, record))
-        out_gens = []
-        for gen, steps in generations.items():
-            out_steps = []
-            for step, layer_records in steps.items():
-                records = [r for _, r in layer_records]
-                modes = {r.mode for r in records}
-                out_steps.append(
-                    {
-                        "step": step,
-                        "timestep": self._timesteps.get((gen, step)),
-                        "mode": modes.pop() if len(modes) == 1 else "mixed",
-                        **_summary(records),
-                        "layers": [
-                            {"layer": layer, "block": self._layer_kind(layer), "mode": r.mode, **_summary([r])}
-                            for layer, r in layer_records
-                        ],
-                    }
-                )
-            out_gens.append({"generation": gen, "steps": out_steps})
-        result = {
-            "processor": "XAttnProcessor",
-            "settings": self.settings(),
-            "generations": out_gens,
-            "totals": _summary(list(self._records.values())),
-        }
-        if untracked is not None:
-            result["untracked"] = {"mode": untracked.mode, **_summary([untracked])}
-        return result
+        return self._stats.stats("XAttnProcessor", self.settings())
 
     def save_stats(self, path: str | os.PathLike) -> str:
         """Write :attr:`stats` as JSON to ``path`` (through a temporary file renamed over it); returns the path."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        data = self.stats
-        fd, tmp = tempfile.mkstemp(prefix=".xattn_stats.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return write_json_atomic(path, self.stats)
 
     def reset_stats(self) -> None:
         """Forget the statistics (the step tracker keeps counting; reset it with ``proc.tracker.reset()``)."""
-        self._records.clear()
-        self._timesteps.clear()
+        self._stats.reset()
 
     def _on_forward_end(self, position: StepPosition) -> None:
         if self._last_position is not position or not logger.isEnabledFor(logging.DEBUG):
             return  # this processor did not run in that forward, or nobody listens
-        layer_records = sorted(
-            ((key[2], r) for key, r in self._records.items() if key[:2] == (position.generation, position.step)),
-            key=lambda lr: -1 if lr[0] is None else lr[0],
-        )
+        layer_records = self._stats.step_records(position.generation, position.step)
         if not layer_records:
             return
-        for _, r in layer_records:
-            r.resolve()
         records = [r for _, r in layer_records]
         summary = _summary(records)
         modes = sorted({r.mode for r in records})
@@ -611,23 +496,6 @@ class XAttnProcessor:
             summary["attention_ms"],
             " ".join(f"{layer}:{r.density:.2f}" for layer, r in layer_records),
         )
-
-
-def _sort_key(key: tuple) -> tuple:
-    return tuple(-1 if x is None else x for x in key)
-
-
-def _summary(records: list[_Record]) -> dict:
-    kept = sum(r.kept for r in records)
-    total = sum(r.total for r in records)
-    return {
-        "density": kept / total if total else 1.0,
-        "kept_blocks": kept,
-        "total_blocks": total,
-        "estimate_ms": sum(r.estimate_ms for r in records),
-        "attention_ms": sum(r.attention_ms for r in records),
-        "calls": sum(r.calls for r in records),
-    }
 
 
 # ---------------------------------------------------------------------------------------------- stock parts

@@ -5,6 +5,8 @@ processors, and ``set_attn_processor`` tells a processor nothing about where it 
 is attached to the transformer instead (a forward pre-hook) and turns the sequence of timesteps it sees into
 a position ``(generation, step)``:
 
+- the timestep of a forward is the highest value of its ``timestep`` tensor (a timestep per sample, or per token
+  with 0 on a conditioning frame's tokens as Wan 2.2 TI2V and LTX image-to-video pass it);
 - the first forward starts generation 0 at step 0;
 - a lower timestep than the previous forward's is the next step (schedulers count down);
 - a higher timestep starts a new generation at step 0 (a new pipeline call starts from high noise);
@@ -58,6 +60,7 @@ class StepTracker:
         self._latents: torch.Tensor | None = None
         self._latents_version: int | None = -1
         self._force_new = False
+        self._contexts: set[str] = set()
         self._handles: list = []
         self._listeners: list[Callable[[], Callable[[StepPosition], None] | None]] = []  # (weak) references
         self._timestep_index = 1
@@ -145,26 +148,57 @@ class StepTracker:
         self._latents = None
         self._latents_version = -1
         self._force_new = False
+        self._contexts = set()
 
     def new_generation(self) -> None:
         """Make the next forward start a new generation whatever its timestep."""
         self._force_new = True
 
-    def observe(self, timestep, latents: torch.Tensor | None = None) -> StepPosition:
-        """Advance on one forward with ``timestep`` (tensor or number) and input ``latents``; the new position."""
+    def observe(
+        self,
+        timestep,
+        latents: torch.Tensor | None = None,
+        *,
+        context: str | None = None,
+        step_index: int | None = None,
+    ) -> StepPosition:
+        """Advance on one forward with ``timestep`` (tensor or number) and input ``latents``; the new position.
+
+        ``context`` (the pipeline's cache-context name, "cond"/"uncond") and ``step_index`` (the pipeline's loop
+        index) come from diffusers' cache context when the pipeline opens one: the step index, when given, is
+        taken as it is; a context name seen again at the same timestep is a new generation at step 0 (else the
+        same step), which replaces the latents comparison."""
         t = _timestep_value(timestep)
         prev = self.position
         if prev is None:
-            position = StepPosition(0, 0, t)
-        elif self._force_new or t > prev.timestep:
+            position = StepPosition(0, step_index or 0, t)
+        elif self._force_new:
+            position = StepPosition(prev.generation + 1, step_index or 0, t)
+        elif step_index is not None:
+            if step_index < prev.step or (step_index == prev.step and t > prev.timestep):
+                position = StepPosition(prev.generation + 1, step_index, t)
+            elif step_index == prev.step:
+                position = StepPosition(prev.generation, prev.step, t, prev.forward + 1)
+            else:
+                position = StepPosition(prev.generation, step_index, t)
+        elif t > prev.timestep:
             position = StepPosition(prev.generation + 1, 0, t)
         elif t < prev.timestep:
             position = StepPosition(prev.generation, prev.step + 1, t)
+        elif context is not None:
+            if context in self._contexts and prev.step == 0:  # this context again at the top timestep
+                position = StepPosition(prev.generation + 1, 0, t)
+            else:
+                position = StepPosition(prev.generation, prev.step, t, prev.forward + 1)
         elif self._same_latents(latents) or prev.step > 0:
             position = StepPosition(prev.generation, prev.step, t, prev.forward + 1)
         else:  # same top timestep, fresh latents: a one-step generation followed by another
             position = StepPosition(prev.generation + 1, 0, t)
         self._force_new = False
+        if prev is None or (position.generation, position.step) != (prev.generation, prev.step):
+            self._contexts = set()
+        if context is not None:
+            self._contexts.add(context)
         self.position = position
         if isinstance(latents, torch.Tensor):
             self._latents, self._latents_version = latents, tensor_version(latents)
@@ -219,7 +253,9 @@ def _timestep_value(timestep) -> float:
     if isinstance(timestep, torch.Tensor):
         if timestep.numel() == 0:
             raise ValueError("timestep is an empty tensor: cannot track the step")
-        return float(timestep.reshape(-1)[0].item())
+        # the highest value: Wan 2.2 TI2V and LTX image-to-video pass a timestep per token, 0 on the
+        # conditioning frame's tokens and the step's timestep on every other token
+        return float(timestep.detach().max().item())
     if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
         return float(timestep)
     raise TypeError(f"timestep must be a tensor or a number, got {type(timestep).__name__}")
