@@ -33,6 +33,17 @@ kernel's launch (see :meth:`XAttnProcessor.sparse_attention`) rather than costin
 call. They cannot change the video either way: padded tokens are masked out as keys in every layer and the
 transformer's output is read from the video tokens alone.
 
+Token order (``token_order="tiled"``, ``tile``): on sparse calls the video tokens are regrouped into 3D tiles
+(:mod:`xattn_video.core.token_order`) so that each block is a compact space-time neighbourhood and the estimate
+reaches its mass threshold with fewer blocks. The processor gathers the layer's video hidden states and the
+rotary embedding into tiled order before the projections (every step up to attention is token-wise, so this is
+exactly the gather of q, k and v, at a third of the traffic) and scatters the projected video output back;
+text tokens stay after the video tokens. Exact up to the block choice. The grid comes from the latents'
+shape, read by the step tracker's forward pre-hook, and the transformer's patch sizes. Why per layer and not once
+per forward: the image-to-video (token-replace) blocks modulate the first frame's tokens by their position in
+the sequence, which a once-per-forward reorder would break; per layer it is two gathers of [B, video, hidden]
+against an attention call over 100x longer (bench/token_order.py). Dense steps and layers keep raster order.
+
 Attention modules that are not joint video attention (the text token refiner's self-attention) keep their
 stock behaviour: they are handed to diffusers' ``AttnProcessor2_0`` as their ``Attention`` would by default.
 
@@ -59,6 +70,7 @@ import torch.nn.functional as F
 from ..core.attention import PendingStats, XAttnStats, _per_head_total, _sparse_attention, _Timer
 from ..core.config import XAttnConfig
 from ..core.estimate import BlockSelection, append_dense_rows, checked_config, estimate_blocks
+from ..core.token_order import TokenOrder, check_tile, check_token_order, default_tile, grid_from_latents, tiled_order
 from .steps import StepPosition, StepTracker, tensor_version
 
 __all__ = ["XAttnProcessor", "enable"]
@@ -101,6 +113,7 @@ class _Record:
     """Accumulated calls of one layer at one step (two calls with true CFG)."""
 
     mode: str
+    order: str = "raster"  # token order of the calls: "raster", "tiled" or "mixed"
     calls: int = 0
     kept: int = 0
     total: int = 0
@@ -110,9 +123,13 @@ class _Record:
     # the forward is done, so that no layer waits for the GPU
     pending: list = field(default_factory=list)
 
-    def add(self, mode: str, kept: int, total: int, estimate_ms: float, attention_ms: float, timers: list) -> None:
+    def add(
+        self, mode: str, order: str, kept: int, total: int, estimate_ms: float, attention_ms: float, timers: list
+    ) -> None:
         if mode != self.mode:
             self.mode = "mixed"
+        if order != self.order:
+            self.order = "mixed"
         self.calls += 1
         self.kept += kept
         self.total += total
@@ -167,6 +184,11 @@ class XAttnProcessor:
         backend: ``xattn_attention`` backend for sparse steps: "auto", "triton", "flex" or "torch".
         estimate_fp8: score blocks on float8 e4m3 copies of q and k (about twice as fast on Hopper, about 0.15%
             of kept blocks change at threshold 0.9; see :class:`~xattn_video.XAttnConfig`). Attention stays exact.
+        token_order: "raster" (diffusers' order: frame, row, column) or "tiled": on sparse calls the video tokens
+            are regrouped into 3D tiles of ``tile`` so that blocks are compact neighbourhoods (see the module
+            docs). Needs the video grid: call :meth:`attach` (or use :func:`enable`).
+        tile: (frames, height, width) of a tile, used with ``token_order="tiled"``; default: one block of
+            ``block_size`` tokens, (2, 8, 8) for 128. Tiles of exactly ``block_size`` tokens align blocks and tiles.
 
     Set it on the whole transformer with ``transformer.set_attn_processor(proc)``; modules that are not joint
     video attention keep stock diffusers behaviour.
@@ -185,8 +207,14 @@ class XAttnProcessor:
         dense_layers: Iterable[int] = (),
         backend: str = "auto",
         estimate_fp8: bool = False,
+        token_order: str = "raster",
+        tile: tuple[int, int, int] | None = None,
     ):
         self.config = XAttnConfig(threshold, stride, block_size, False, backend, estimate_fp8)
+        self.token_order = check_token_order(token_order)
+        self.tile = default_tile(block_size) if tile is None else check_tile(tile)
+        self._patch: tuple[int, int] | None = None  # the attached transformer's (patch_size, patch_size_t)
+        self._rope_cache: tuple | None = None
         self.warmup_steps = _check_nonneg_int("warmup_steps", warmup_steps)
         if isinstance(dense_layers, (int, str, bytes)) or not isinstance(dense_layers, Iterable):
             raise TypeError(f"dense_layers must be an iterable of layer indices such as (0, 1), got {dense_layers!r}")
@@ -212,7 +240,8 @@ class XAttnProcessor:
         return (
             f"XAttnProcessor(threshold={self.threshold}, stride={self.stride}, block_size={self.block_size}, "
             f"warmup_steps={self.warmup_steps}, dense_layers={tuple(sorted(self.dense_layers))}, "
-            f"backend={self.backend!r}, estimate_fp8={self.estimate_fp8})"
+            f"backend={self.backend!r}, estimate_fp8={self.estimate_fp8}, token_order={self.token_order!r}, "
+            f"tile={self.tile})"
         )
 
     def settings(self) -> dict:
@@ -224,6 +253,8 @@ class XAttnProcessor:
             "dense_layers": sorted(self.dense_layers),
             "backend": self.backend,
             "estimate_fp8": self.estimate_fp8,
+            "token_order": self.token_order,
+            "tile": list(self.tile),
         }
 
     # ----------------------------------------------------------------- attach
@@ -243,7 +274,15 @@ class XAttnProcessor:
                 f"dense_layers {bad} out of range: {type(transformer).__name__} has {n_layers} joint attention "
                 f"layers (0..{n_layers - 1}: double-stream blocks first, then single-stream blocks)"
             )
+        config = getattr(transformer, "config", None)
+        patch = (getattr(config, "patch_size", None), getattr(config, "patch_size_t", None))
+        if self.token_order == "tiled" and not all(isinstance(p, int) and p > 0 for p in patch):
+            raise TypeError(
+                f"token_order='tiled' needs the transformer's config.patch_size and config.patch_size_t to find the "
+                f"video grid; {type(transformer).__name__} has {patch}"
+            )
         self.detach()
+        self._patch = patch if all(isinstance(p, int) for p in patch) else None
         self._tracker = StepTracker.attach(transformer)
         self._tracker.reset()  # the next forward starts generation 0
         self._tracker.add_listener(self._on_forward_end)
@@ -265,6 +304,7 @@ class XAttnProcessor:
             self._tracker.remove_listener(self._on_forward_end)
         self._tracker = None
         self._layers = {}
+        self._rope_cache = None
 
     @property
     def tracker(self) -> StepTracker | None:
@@ -291,21 +331,62 @@ class XAttnProcessor:
                 )
         position = self._position(layer)
 
-        query, key, value = _project(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        lengths = self._valid_lengths(attention_mask, query.shape[0], query.shape[1])
+        n_tokens = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
+        lengths = self._valid_lengths(attention_mask, hidden_states.shape[0], n_tokens)
         dense = (position is not None and position.step < self.warmup_steps) or (
             layer is not None and layer[0] in self.dense_layers
         )
+        order = None
+        if self.token_order == "tiled" and not dense and lengths is not False:
+            order = self._token_order(hidden_states, encoder_hidden_states, lengths)
+            hidden_states = order.permute(hidden_states, dim=1)  # token-wise up to attention: q, k, v follow
+            image_rotary_emb = self._tiled_rope(order, image_rotary_emb)
+
+        query, key, value = _project(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         if lengths is False:  # a mask that is not a key-padding prefix: stock masked attention
             out_bnhd, mode, kept, total, est, att, timers = self._stock_attention(query, key, value, attention_mask)
         else:
             q, k, v = (t.permute(0, 2, 1, 3) for t in (query, key, value))  # [B, H, N, D], as diffusers' SDPA
             out, mode, kept, total, est, att, timers = self._attend(q, k, v, lengths, dense)
             out_bnhd = out.permute(0, 2, 1, 3)
-        self._record(position, layer, mode, kept, total, est, att, timers)
+        self._record(position, layer, mode, "raster" if order is None else "tiled", kept, total, est, att, timers)
 
         hidden_states = out_bnhd.flatten(2, 3).to(query.dtype)
-        return _output(attn, hidden_states, encoder_hidden_states)
+        video_out, text_out = _output(attn, hidden_states, encoder_hidden_states)
+        if order is not None:
+            video_out = order.unpermute(video_out, dim=1)  # the output projection is token-wise too
+        return video_out, text_out
+
+    def _token_order(self, hidden_states, encoder_hidden_states, lengths) -> TokenOrder:
+        """The tiled order of this forward's video grid (from the tracker's latents shape and the patch sizes)."""
+        tracker = self._tracker
+        shape = tracker.latents_shape if tracker is not None and tracker.attached else None
+        if shape is None or self._patch is None or encoder_hidden_states is None:
+            raise RuntimeError(
+                "XAttnProcessor(token_order='tiled') needs the video grid, read from the transformer's input: use "
+                "`xattn_video.enable(pipe, ...)`, or call `proc.attach(pipe.transformer)` after set_attn_processor"
+            )
+        patch_size, patch_size_t = self._patch
+        grid = grid_from_latents(shape, patch_size, patch_size_t)
+        n_video = hidden_states.shape[1]
+        if math.prod(grid) != n_video or min(lengths) < n_video:
+            raise RuntimeError(
+                f"XAttnProcessor(token_order='tiled'): the latents {tuple(shape)} give a {grid} grid of "
+                f"{math.prod(grid)} video tokens, but the layer has {n_video} (valid lengths {lengths})"
+            )
+        return tiled_order(grid, self.tile, device=hidden_states.device)
+
+    def _tiled_rope(self, order: TokenOrder, rope):
+        """The rotary embedding (cos, sin) [video, dim] gathered into tiled order; once per forward (every layer
+        gets the same tensors)."""
+        if rope is None:
+            return None
+        cached = self._rope_cache
+        if cached is not None and cached[0]() is rope[0] and cached[1] is order:
+            return cached[2]
+        tiled = tuple(order.permute(r, dim=0) for r in rope)
+        self._rope_cache = (weakref.ref(rope[0]), order, tiled)
+        return tiled
 
     def _position(self, layer) -> StepPosition | None:
         needs = []
@@ -492,7 +573,7 @@ class XAttnProcessor:
 
     # ----------------------------------------------------------------- statistics
 
-    def _record(self, position, layer, mode, kept, total, estimate_ms, attention_ms, timers) -> None:
+    def _record(self, position, layer, mode, order, kept, total, estimate_ms, attention_ms, timers) -> None:
         self._last_position = position
         if position is None:
             key = (None, None, None)
@@ -501,8 +582,8 @@ class XAttnProcessor:
             self._timesteps[(position.generation, position.step)] = position.timestep
         record = self._records.get(key)
         if record is None:
-            record = self._records[key] = _Record(mode)
-        record.add(mode, kept, total, estimate_ms, attention_ms, timers)
+            record = self._records[key] = _Record(mode, order)
+        record.add(mode, order, kept, total, estimate_ms, attention_ms, timers)
 
     def _layer_kind(self, index: int | None) -> str | None:
         for i, kind in self._layers.values():
@@ -514,10 +595,12 @@ class XAttnProcessor:
     def stats(self) -> dict:
         """What the processor did, as a JSON-ready dict.
 
-        ``generations``: a list of ``{"generation", "steps": [{"step", "timestep", "mode", "density",
-        "estimate_ms", "attention_ms", "calls", "layers": [{"layer", "block", "mode", "density", "estimate_ms",
-        "attention_ms", "calls"}]}]}``; ``mode`` is "dense" (warmup or dense layer), "sparse", or "mixed" for a
-        step with both; a step's density is kept / total blocks over its layers. ``totals`` sums everything.
+        ``generations``: a list of ``{"generation", "steps": [{"step", "timestep", "mode", "token_order",
+        "density", "estimate_ms", "attention_ms", "calls", "layers": [{"layer", "block", "mode", "token_order",
+        "density", "estimate_ms", "attention_ms", "calls"}]}]}``; ``mode`` is "dense" (warmup or dense layer),
+        "sparse", or "mixed" for a step with both; ``token_order`` the order the calls ran in ("raster",
+        "tiled", or "mixed"; dense calls run raster); a step's density is kept / total blocks over its layers.
+        ``totals`` sums everything.
         ``untracked`` (present only when used) aggregates calls made without an attached tracker.
         """
         for record in self._records.values():
@@ -535,14 +618,22 @@ class XAttnProcessor:
             for step, layer_records in steps.items():
                 records = [r for _, r in layer_records]
                 modes = {r.mode for r in records}
+                orders = {r.order for r in records}
                 out_steps.append(
                     {
                         "step": step,
                         "timestep": self._timesteps.get((gen, step)),
                         "mode": modes.pop() if len(modes) == 1 else "mixed",
+                        "token_order": orders.pop() if len(orders) == 1 else "mixed",
                         **_summary(records),
                         "layers": [
-                            {"layer": layer, "block": self._layer_kind(layer), "mode": r.mode, **_summary([r])}
+                            {
+                                "layer": layer,
+                                "block": self._layer_kind(layer),
+                                "mode": r.mode,
+                                "token_order": r.order,
+                                **_summary([r]),
+                            }
                             for layer, r in layer_records
                         ],
                     }
@@ -555,7 +646,7 @@ class XAttnProcessor:
             "totals": _summary(list(self._records.values())),
         }
         if untracked is not None:
-            result["untracked"] = {"mode": untracked.mode, **_summary([untracked])}
+            result["untracked"] = {"mode": untracked.mode, "token_order": untracked.order, **_summary([untracked])}
         return result
 
     def save_stats(self, path: str | os.PathLike) -> str:
@@ -739,8 +830,8 @@ def _output(attn, hidden_states, encoder_hidden_states):
 def enable(pipe_or_transformer, **kwargs) -> XAttnProcessor:
     """Put an :class:`XAttnProcessor` on a HunyuanVideo pipeline's transformer (or a transformer) and attach
     its step tracking; ``kwargs`` are the processor's (threshold, stride, block_size, warmup_steps,
-    dense_layers, backend, estimate_fp8). Returns the processor, whose :attr:`~XAttnProcessor.stats` fill as
-    it runs."""
+    dense_layers, backend, estimate_fp8, token_order, tile). Returns the processor, whose
+    :attr:`~XAttnProcessor.stats` fill as it runs."""
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
     if not hasattr(transformer, "set_attn_processor"):
         raise TypeError(
