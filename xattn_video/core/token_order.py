@@ -24,7 +24,10 @@ Use (any layout; ``dim`` is the token axis; tokens after the video tokens, e.g. 
     q, k, v = (order.permute(x, dim=1) for x in (q, k, v))       # [B, N, H, D]; dim=2 for [B, H, N, D]
     out = order.unpermute(attention(q, k, v), dim=1)
 
-``order.index`` gathers (tiled position i holds raster token ``index[i]``); ``order.inverse`` undoes it.
+or ``attend_in_order(attention, q, k, v, order, dim=1)``. ``order.index`` gathers (tiled position i holds raster
+token ``index[i]``); ``order.inverse`` undoes it. :func:`grid_from_latents` turns the transformer's input shape
+and patch sizes into the grid (a forward pre-hook sees it; :class:`~xattn_video.diffusion.steps.StepTracker`
+keeps it as ``latents_shape``).
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 __all__ = [
     "TOKEN_ORDERS",
     "TokenOrder",
+    "attend_in_order",
     "check_tile",
     "check_token_order",
     "default_tile",
@@ -90,13 +94,22 @@ def default_tile(block_size: int = 128) -> tuple[int, int, int]:
     return (block_size // (side * side), side, side)
 
 
-def grid_from_latents(latent_shape: Sequence[int], patch_size: int, patch_size_t: int = 1) -> tuple[int, int, int]:
-    """The video token grid (frames, height, width) of latents [B, C, T, H, W] after a (patch_size_t,
-    patch_size, patch_size) patch embedding with stride = kernel, as HunyuanVideo's (floor division)."""
+def grid_from_latents(
+    latent_shape: Sequence[int], patch_size: int | Sequence[int], patch_size_t: int = 1
+) -> tuple[int, int, int]:
+    """The video token grid (frames, height, width) of latents [B, C, T, H, W] after a patch embedding with
+    stride = kernel (floor division, as HunyuanVideo's and Wan's convolutions): ``patch_size`` is the spatial
+    patch with ``patch_size_t`` the temporal one (HunyuanVideo's config), or a (t, h, w) tuple (Wan's)."""
     if len(latent_shape) != 5:
         raise ValueError(f"latent_shape must be [batch, channels, frames, height, width], got {tuple(latent_shape)}")
+    if isinstance(patch_size, Sequence):
+        if len(patch_size) != 3:
+            raise ValueError(f"patch_size must be an int or a (t, h, w) tuple, got {patch_size!r}")
+        pt, ph, pw = patch_size
+    else:
+        pt, ph, pw = patch_size_t, patch_size, patch_size
     _, _, t, h, w = latent_shape
-    return check_grid((t // patch_size_t, h // patch_size, w // patch_size))
+    return check_grid((t // pt, h // ph, w // pw))
 
 
 def _segments(size: int, tile: int) -> list[tuple[int, int, int]]:
@@ -199,6 +212,28 @@ class TokenOrder:
                 self._full.clear()
             self._full[key] = full
         return full
+
+
+def attend_in_order(
+    attend: Callable[..., torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    order: TokenOrder | None,
+    *,
+    dim: int = 1,
+    offset: int = 0,
+    **kwargs,
+) -> torch.Tensor:
+    """``attend(q, k, v, **kwargs)`` with the video tokens of q, k and v gathered into ``order`` and the output
+    scattered back: exact for any attention that treats tokens alike (no positional mask), only a block-sparse
+    choice sees the order. ``dim`` is the token axis (1 for [B, N, H, D] as diffusers' dispatcher passes, 2 for
+    [B, H, N, D]); ``order=None`` calls ``attend`` unchanged. For self-attention (q, k and v over the same
+    tokens); the output must have q's token axis at ``dim``."""
+    if order is None:
+        return attend(q, k, v, **kwargs)
+    q, k, v = (order.permute(t, dim=dim, offset=offset) for t in (q, k, v))
+    return order.unpermute(attend(q, k, v, **kwargs), dim=dim, offset=offset)
 
 
 @functools.lru_cache(maxsize=32)

@@ -453,7 +453,9 @@ class XAttnProcessor:
         """The processor's attention step alone: q/k/v [B, H, N, D] with sample b valid on its first
         ``valid_lengths[b]`` tokens (default: all). Sparse (:meth:`sparse_attention` on each valid segment) or
         ``dense`` (padded query rows then attend to the valid keys, as under stock's key-padding mask).
-        Not recorded in :attr:`stats`."""
+        Tokens are taken in the order given (``token_order`` applies in the processor call, which knows the
+        grid; :func:`xattn_video.core.token_order.attend_in_order` reorders around any attention). Not recorded
+        in :attr:`stats`."""
         batch, _, n = q.shape[:3]
         lengths = [n] * batch if valid_lengths is None else [int(x) for x in valid_lengths]
         if len(lengths) != batch or not all(0 < x <= n for x in lengths):
