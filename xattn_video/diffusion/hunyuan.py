@@ -42,7 +42,9 @@ text tokens stay after the video tokens. Exact up to the block choice. The grid 
 shape, read by the step tracker's forward pre-hook, and the transformer's patch sizes. Why per layer and not once
 per forward: the image-to-video (token-replace) blocks modulate the first frame's tokens by their position in
 the sequence, which a once-per-forward reorder would break; per layer it is two gathers of [B, video, hidden]
-against an attention call over 100x longer (bench/token_order.py). Dense steps and layers keep raster order.
+against an attention call over 100x longer (bench/token_order.py). Dense steps and layers keep raster order
+(the order cannot change their result). The statistics' ``settings`` carry ``token_order`` and ``tile``: every
+sparse call ran in that order, every dense one in raster order.
 
 Attention modules that are not joint video attention (the text token refiner's self-attention) keep their
 stock behaviour: they are handed to diffusers' ``AttnProcessor2_0`` as their ``Attention`` would by default.
@@ -113,7 +115,6 @@ class _Record:
     """Accumulated calls of one layer at one step (two calls with true CFG)."""
 
     mode: str
-    order: str = "raster"  # token order of the calls: "raster", "tiled" or "mixed"
     calls: int = 0
     kept: int = 0
     total: int = 0
@@ -123,13 +124,9 @@ class _Record:
     # the forward is done, so that no layer waits for the GPU
     pending: list = field(default_factory=list)
 
-    def add(
-        self, mode: str, order: str, kept: int, total: int, estimate_ms: float, attention_ms: float, timers: list
-    ) -> None:
+    def add(self, mode: str, kept: int, total: int, estimate_ms: float, attention_ms: float, timers: list) -> None:
         if mode != self.mode:
             self.mode = "mixed"
-        if order != self.order:
-            self.order = "mixed"
         self.calls += 1
         self.kept += kept
         self.total += total
@@ -349,7 +346,7 @@ class XAttnProcessor:
             q, k, v = (t.permute(0, 2, 1, 3) for t in (query, key, value))  # [B, H, N, D], as diffusers' SDPA
             out, mode, kept, total, est, att, timers = self._attend(q, k, v, lengths, dense)
             out_bnhd = out.permute(0, 2, 1, 3)
-        self._record(position, layer, mode, "raster" if order is None else "tiled", kept, total, est, att, timers)
+        self._record(position, layer, mode, kept, total, est, att, timers)
 
         hidden_states = out_bnhd.flatten(2, 3).to(query.dtype)
         video_out, text_out = _output(attn, hidden_states, encoder_hidden_states)
@@ -368,11 +365,11 @@ class XAttnProcessor:
             )
         patch_size, patch_size_t = self._patch
         grid = grid_from_latents(shape, patch_size, patch_size_t)
-        n_video = hidden_states.shape[1]
-        if math.prod(grid) != n_video or min(lengths) < n_video:
+        n_video, n_grid = hidden_states.shape[1], grid[0] * grid[1] * grid[2]
+        if n_grid != n_video or min(lengths) < n_video:
             raise RuntimeError(
-                f"XAttnProcessor(token_order='tiled'): the latents {tuple(shape)} give a {grid} grid of "
-                f"{math.prod(grid)} video tokens, but the layer has {n_video} (valid lengths {lengths})"
+                f"XAttnProcessor(token_order='tiled'): the latents {tuple(shape)} give a {grid} grid of {n_grid} "
+                f"video tokens, but the layer has {n_video} (valid lengths {lengths})"
             )
         return tiled_order(grid, self.tile, device=hidden_states.device)
 
@@ -575,7 +572,7 @@ class XAttnProcessor:
 
     # ----------------------------------------------------------------- statistics
 
-    def _record(self, position, layer, mode, order, kept, total, estimate_ms, attention_ms, timers) -> None:
+    def _record(self, position, layer, mode, kept, total, estimate_ms, attention_ms, timers) -> None:
         self._last_position = position
         if position is None:
             key = (None, None, None)
@@ -584,8 +581,8 @@ class XAttnProcessor:
             self._timesteps[(position.generation, position.step)] = position.timestep
         record = self._records.get(key)
         if record is None:
-            record = self._records[key] = _Record(mode, order)
-        record.add(mode, order, kept, total, estimate_ms, attention_ms, timers)
+            record = self._records[key] = _Record(mode)
+        record.add(mode, kept, total, estimate_ms, attention_ms, timers)
 
     def _layer_kind(self, index: int | None) -> str | None:
         for i, kind in self._layers.values():
@@ -597,12 +594,10 @@ class XAttnProcessor:
     def stats(self) -> dict:
         """What the processor did, as a JSON-ready dict.
 
-        ``generations``: a list of ``{"generation", "steps": [{"step", "timestep", "mode", "token_order",
-        "density", "estimate_ms", "attention_ms", "calls", "layers": [{"layer", "block", "mode", "token_order",
-        "density", "estimate_ms", "attention_ms", "calls"}]}]}``; ``mode`` is "dense" (warmup or dense layer),
-        "sparse", or "mixed" for a step with both; ``token_order`` the order the calls ran in ("raster",
-        "tiled", or "mixed"; dense calls run raster); a step's density is kept / total blocks over its layers.
-        ``totals`` sums everything.
+        ``generations``: a list of ``{"generation", "steps": [{"step", "timestep", "mode", "density",
+        "estimate_ms", "attention_ms", "calls", "layers": [{"layer", "block", "mode", "density", "estimate_ms",
+        "attention_ms", "calls"}]}]}``; ``mode`` is "dense" (warmup or dense layer), "sparse", or "mixed" for a
+        step with both; a step's density is kept / total blocks over its layers. ``totals`` sums everything.
         ``untracked`` (present only when used) aggregates calls made without an attached tracker.
         """
         for record in self._records.values():
@@ -620,22 +615,14 @@ class XAttnProcessor:
             for step, layer_records in steps.items():
                 records = [r for _, r in layer_records]
                 modes = {r.mode for r in records}
-                orders = {r.order for r in records}
                 out_steps.append(
                     {
                         "step": step,
                         "timestep": self._timesteps.get((gen, step)),
                         "mode": modes.pop() if len(modes) == 1 else "mixed",
-                        "token_order": orders.pop() if len(orders) == 1 else "mixed",
                         **_summary(records),
                         "layers": [
-                            {
-                                "layer": layer,
-                                "block": self._layer_kind(layer),
-                                "mode": r.mode,
-                                "token_order": r.order,
-                                **_summary([r]),
-                            }
+                            {"layer": layer, "block": self._layer_kind(layer), "mode": r.mode, **_summary([r])}
                             for layer, r in layer_records
                         ],
                     }
@@ -648,7 +635,7 @@ class XAttnProcessor:
             "totals": _summary(list(self._records.values())),
         }
         if untracked is not None:
-            result["untracked"] = {"mode": untracked.mode, "token_order": untracked.order, **_summary([untracked])}
+            result["untracked"] = {"mode": untracked.mode, **_summary([untracked])}
         return result
 
     def save_stats(self, path: str | os.PathLike) -> str:

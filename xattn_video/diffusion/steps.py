@@ -171,9 +171,9 @@ class StepTracker:
             position = StepPosition(prev.generation + 1, 0, t)
         self._force_new = False
         self.position = position
-        self.latents_shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else None
         if isinstance(latents, torch.Tensor):
             self._latents, self._latents_version = latents, tensor_version(latents)
+        self.latents_shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else None
         return position
 
     def _same_latents(self, latents: torch.Tensor | None) -> bool:
