@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     videos = generate(fixture, captions, list(range(len(captions))), frames=args.frames, height=args.size,
                       width=args.size)
     n_small = min(4, len(captions))
-    small = generate(fixture, captions[:n_small], list(range(n_small)), frames=args.small_frames, height=args.small_size,
-                     width=args.small_size)
+    small = generate(fixture, captions[:n_small], list(range(n_small)), frames=args.small_frames,
+                     height=args.small_size, width=args.small_size)
     truth = render(specs, args.frames, args.size, args.size).permute(0, 2, 3, 4, 1)
     print(f"sampled {len(captions)} videos in {time.perf_counter() - t1:.1f} s", flush=True)
     to_u8 = lambda v: (v.clamp(0, 1) * 255).round().to(torch.uint8).numpy()  # noqa: E731
