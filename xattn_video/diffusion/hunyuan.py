@@ -33,6 +33,19 @@ kernel's launch (see :meth:`XAttnProcessor.sparse_attention`) rather than costin
 call. They cannot change the video either way: padded tokens are masked out as keys in every layer and the
 transformer's output is read from the video tokens alone.
 
+Token order (``token_order="tiled"``, ``tile``): on sparse calls the video tokens are regrouped into 3D tiles
+(:mod:`xattn_video.core.token_order`) so that each block is a compact space-time neighbourhood and the estimate
+reaches its mass threshold with fewer blocks. The processor gathers the layer's video hidden states and the
+rotary embedding into tiled order before the projections (every step up to attention is token-wise, so this is
+exactly the gather of q, k and v, at a third of the traffic) and scatters the projected video output back;
+text tokens stay after the video tokens. Exact up to the block choice. The grid comes from the latents'
+shape, read by the step tracker's forward pre-hook, and the transformer's patch sizes. Why per layer and not once
+per forward: the image-to-video (token-replace) blocks modulate the first frame's tokens by their position in
+the sequence, which a once-per-forward reorder would break; per layer it is two gathers of [B, video, hidden]
+against an attention call over 100x longer (bench/token_order.py). Dense steps and layers keep raster order
+(the order cannot change their result). The statistics' ``settings`` carry ``token_order`` and ``tile``: every
+sparse call ran in that order, every dense one in raster order.
+
 Attention modules that are not joint video attention (the text token refiner's self-attention) keep their
 stock behaviour: they are handed to diffusers' ``AttnProcessor2_0`` as their ``Attention`` would by default.
 
@@ -58,6 +71,7 @@ from ..core.estimate import BlockSelection, append_dense_rows, checked_config, e
 from .stats import StepStats, write_json_atomic
 from .stats import blocks as _blocks
 from .stats import summary as _summary
+from ..core.token_order import TokenOrder, check_tile, check_token_order, default_tile, grid_from_latents, tiled_order
 from .steps import StepPosition, StepTracker, tensor_version
 
 __all__ = ["XAttnProcessor", "enable"]
@@ -119,6 +133,11 @@ class XAttnProcessor:
         backend: ``xattn_attention`` backend for sparse steps: "auto", "triton", "flex" or "torch".
         estimate_fp8: score blocks on float8 e4m3 copies of q and k (about twice as fast on Hopper, about 0.15%
             of kept blocks change at threshold 0.9; see :class:`~xattn_video.XAttnConfig`). Attention stays exact.
+        token_order: "raster" (diffusers' order: frame, row, column) or "tiled": on sparse calls the video tokens
+            are regrouped into 3D tiles of ``tile`` so that blocks are compact neighbourhoods (see the module
+            docs). Needs the video grid: call :meth:`attach` (or use :func:`enable`).
+        tile: (frames, height, width) of a tile, used with ``token_order="tiled"``; default: one block of
+            ``block_size`` tokens, (2, 8, 8) for 128. Tiles of exactly ``block_size`` tokens align blocks and tiles.
 
     Set it on the whole transformer with ``transformer.set_attn_processor(proc)``; modules that are not joint
     video attention keep stock diffusers behaviour.
@@ -137,8 +156,14 @@ class XAttnProcessor:
         dense_layers: Iterable[int] = (),
         backend: str = "auto",
         estimate_fp8: bool = False,
+        token_order: str = "raster",
+        tile: tuple[int, int, int] | None = None,
     ):
         self.config = XAttnConfig(threshold, stride, block_size, False, backend, estimate_fp8)
+        self.token_order = check_token_order(token_order)
+        self.tile = default_tile(block_size) if tile is None else check_tile(tile)
+        self._patch: tuple[int, int] | None = None  # the attached transformer's (patch_size, patch_size_t)
+        self._rope_cache: tuple | None = None
         self.warmup_steps = _check_nonneg_int("warmup_steps", warmup_steps)
         if isinstance(dense_layers, (int, str, bytes)) or not isinstance(dense_layers, Iterable):
             raise TypeError(f"dense_layers must be an iterable of layer indices such as (0, 1), got {dense_layers!r}")
@@ -163,7 +188,8 @@ class XAttnProcessor:
         return (
             f"XAttnProcessor(threshold={self.threshold}, stride={self.stride}, block_size={self.block_size}, "
             f"warmup_steps={self.warmup_steps}, dense_layers={tuple(sorted(self.dense_layers))}, "
-            f"backend={self.backend!r}, estimate_fp8={self.estimate_fp8})"
+            f"backend={self.backend!r}, estimate_fp8={self.estimate_fp8}, token_order={self.token_order!r}, "
+            f"tile={self.tile})"
         )
 
     def settings(self) -> dict:
@@ -175,6 +201,8 @@ class XAttnProcessor:
             "dense_layers": sorted(self.dense_layers),
             "backend": self.backend,
             "estimate_fp8": self.estimate_fp8,
+            "token_order": self.token_order,
+            "tile": list(self.tile),
         }
 
     # ----------------------------------------------------------------- attach
@@ -194,7 +222,15 @@ class XAttnProcessor:
                 f"dense_layers {bad} out of range: {type(transformer).__name__} has {n_layers} joint attention "
                 f"layers (0..{n_layers - 1}: double-stream blocks first, then single-stream blocks)"
             )
+        config = getattr(transformer, "config", None)
+        patch = (getattr(config, "patch_size", None), getattr(config, "patch_size_t", None))
+        if self.token_order == "tiled" and not all(isinstance(p, int) and p > 0 for p in patch):
+            raise TypeError(
+                f"token_order='tiled' needs the transformer's config.patch_size and config.patch_size_t to find the "
+                f"video grid; {type(transformer).__name__} has {patch}"
+            )
         self.detach()
+        self._patch = patch if all(isinstance(p, int) for p in patch) else None
         self._tracker = StepTracker.attach(transformer)
         self._tracker.reset()  # the next forward starts generation 0
         self._tracker.add_listener(self._on_forward_end)
@@ -216,6 +252,7 @@ class XAttnProcessor:
             self._tracker.remove_listener(self._on_forward_end)
         self._tracker = None
         self._layers = {}
+        self._rope_cache = None
 
     @property
     def tracker(self) -> StepTracker | None:
@@ -242,11 +279,18 @@ class XAttnProcessor:
                 )
         position = self._position(layer)
 
-        query, key, value = _project(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        lengths = self._valid_lengths(attention_mask, query.shape[0], query.shape[1])
+        n_tokens = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
+        lengths = self._valid_lengths(attention_mask, hidden_states.shape[0], n_tokens)
         dense = (position is not None and position.step < self.warmup_steps) or (
             layer is not None and layer[0] in self.dense_layers
         )
+        order = None
+        if self.token_order == "tiled" and not dense and lengths is not False:
+            order = self._token_order(hidden_states, encoder_hidden_states, lengths)
+            hidden_states = order.permute(hidden_states, dim=1)  # token-wise up to attention: q, k, v follow
+            image_rotary_emb = self._tiled_rope(order, image_rotary_emb)
+
+        query, key, value = _project(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         if lengths is False:  # a mask that is not a key-padding prefix: stock masked attention
             out_bnhd, mode, kept, total, est, att, timers = self._stock_attention(query, key, value, attention_mask)
         else:
@@ -256,7 +300,41 @@ class XAttnProcessor:
         self._record(position, layer, mode, kept, total, est, att, timers)
 
         hidden_states = out_bnhd.flatten(2, 3).to(query.dtype)
-        return _output(attn, hidden_states, encoder_hidden_states)
+        video_out, text_out = _output(attn, hidden_states, encoder_hidden_states)
+        if order is not None:
+            video_out = order.unpermute(video_out, dim=1)  # the output projection is token-wise too
+        return video_out, text_out
+
+    def _token_order(self, hidden_states, encoder_hidden_states, lengths) -> TokenOrder:
+        """The tiled order of this forward's video grid (from the tracker's latents shape and the patch sizes)."""
+        tracker = self._tracker
+        shape = tracker.latents_shape if tracker is not None and tracker.attached else None
+        if shape is None or self._patch is None or encoder_hidden_states is None:
+            raise RuntimeError(
+                "XAttnProcessor(token_order='tiled') needs the video grid, read from the transformer's input: use "
+                "`xattn_video.enable(pipe, ...)`, or call `proc.attach(pipe.transformer)` after set_attn_processor"
+            )
+        patch_size, patch_size_t = self._patch
+        grid = grid_from_latents(shape, patch_size, patch_size_t)
+        n_video, n_grid = hidden_states.shape[1], grid[0] * grid[1] * grid[2]
+        if n_grid != n_video or min(lengths) < n_video:
+            raise RuntimeError(
+                f"XAttnProcessor(token_order='tiled'): the latents {tuple(shape)} give a {grid} grid of {n_grid} "
+                f"video tokens, but the layer has {n_video} (valid lengths {lengths})"
+            )
+        return tiled_order(grid, self.tile, device=hidden_states.device)
+
+    def _tiled_rope(self, order: TokenOrder, rope):
+        """The rotary embedding (cos, sin) [video, dim] gathered into tiled order; once per forward (every layer
+        gets the same tensors)."""
+        if rope is None:
+            return None
+        cached = self._rope_cache
+        if cached is not None and cached[0]() is rope[0] and cached[1] is order:
+            return cached[2]
+        tiled = tuple(order.permute(r, dim=0) for r in rope)
+        self._rope_cache = (weakref.ref(rope[0]), order, tiled)
+        return tiled
 
     def _position(self, layer) -> StepPosition | None:
         needs = []
@@ -323,7 +401,9 @@ class XAttnProcessor:
         """The processor's attention step alone: q/k/v [B, H, N, D] with sample b valid on its first
         ``valid_lengths[b]`` tokens (default: all). Sparse (:meth:`sparse_attention` on each valid segment) or
         ``dense`` (padded query rows then attend to the valid keys, as under stock's key-padding mask).
-        Not recorded in :attr:`stats`."""
+        Tokens are taken in the order given (``token_order`` applies in the processor call, which knows the
+        grid; :func:`xattn_video.core.token_order.attend_in_order` reorders around any attention). Not recorded
+        in :attr:`stats`."""
         batch, _, n = q.shape[:3]
         lengths = [n] * batch if valid_lengths is None else [int(x) for x in valid_lengths]
         if len(lengths) != batch or not all(0 < x <= n for x in lengths):
@@ -607,8 +687,8 @@ def _output(attn, hidden_states, encoder_hidden_states):
 def enable(pipe_or_transformer, **kwargs) -> XAttnProcessor:
     """Put an :class:`XAttnProcessor` on a HunyuanVideo pipeline's transformer (or a transformer) and attach
     its step tracking; ``kwargs`` are the processor's (threshold, stride, block_size, warmup_steps,
-    dense_layers, backend, estimate_fp8). Returns the processor, whose :attr:`~XAttnProcessor.stats` fill as
-    it runs."""
+    dense_layers, backend, estimate_fp8, token_order, tile). Returns the processor, whose
+    :attr:`~XAttnProcessor.stats` fill as it runs."""
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
     if not hasattr(transformer, "set_attn_processor"):
         raise TypeError(

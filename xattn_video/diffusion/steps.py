@@ -24,6 +24,9 @@ the last latents until :meth:`StepTracker.reset` or :meth:`StepTracker.detach`.
 
 A tracker per transformer: :meth:`StepTracker.attach` returns the one already there, so several processors
 share it. Listeners registered with :meth:`StepTracker.add_listener` are called after each forward.
+
+The tracker also keeps the shape of the current forward's latents (:attr:`StepTracker.latents_shape`): a
+processor that reorders video tokens needs the token grid, which only the transformer's input shows.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class StepTracker:
 
     def __init__(self) -> None:
         self.position: StepPosition | None = None
+        self.latents_shape: tuple[int, ...] | None = None  # shape of the current forward's ``hidden_states``
         self._latents: torch.Tensor | None = None
         self._latents_version: int | None = -1
         self._force_new = False
@@ -145,6 +149,7 @@ class StepTracker:
     def reset(self) -> None:
         """Forget the position: the next forward starts generation 0 again."""
         self.position = None
+        self.latents_shape = None
         self._latents = None
         self._latents_version = -1
         self._force_new = False
@@ -202,6 +207,7 @@ class StepTracker:
         self.position = position
         if isinstance(latents, torch.Tensor):
             self._latents, self._latents_version = latents, tensor_version(latents)
+        self.latents_shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else None
         return position
 
     def _same_latents(self, latents: torch.Tensor | None) -> bool:

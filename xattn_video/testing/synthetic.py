@@ -122,3 +122,28 @@ def random_block_selection(
     noise = torch.rand(batch, heads, n_blocks, n_blocks, generator=gen, device=device)
     mask = noise.argsort(-1).argsort(-1) < keep
     return BlockSelection(mask, *compact_blocks(mask))
+
+
+def gaussian_local_qk(
+    grid: tuple[int, int, int],
+    sigma: tuple[float, float, float] = (1.0, 2.0, 2.0),
+    *,
+    head_dim: int = 64,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k [1, 1, T*H*W, head_dim] (float32, raster order) whose attention is exactly a Gaussian kernel in
+    (frame, row, column): softmax(q.k / sqrt(head_dim)) over keys p' is proportional to
+    exp(-|(p - p') / sigma|^2 / 2). Built from q.k / sqrt(d) = p.p' - |p'|^2 / 2 (coordinates divided by sigma),
+    which differs from -|p - p'|^2 / 2 by a per-query constant. Unlike :func:`video_like_qkv`, whose features
+    have side lobes and whose spatial heads never look across frames, this is plain 3D locality: the input on
+    which a token order's block compactness shows. Keep it in float32 (the key's |p'|^2 term is large)."""
+    device = torch.device(device)
+    axes = [torch.arange(n, dtype=torch.float64, device=device) for n in grid]
+    p = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+    p = (p - p.mean(0)) / torch.tensor(sigma, dtype=torch.float64, device=device)
+    scale = head_dim**0.25  # q.k / sqrt(d) with both sides scaled by d^(1/4)
+    q = torch.zeros(p.shape[0], head_dim, dtype=torch.float64, device=device)
+    k = torch.zeros_like(q)
+    q[:, :3], q[:, 3] = p * scale, -0.5 * scale
+    k[:, :3], k[:, 3] = p * scale, (p * p).sum(1) * scale
+    return q.float()[None, None], k.float()[None, None]
