@@ -68,10 +68,10 @@ import torch.nn.functional as F
 from ..core.attention import PendingStats, XAttnStats, _per_head_total, _sparse_attention, _Timer
 from ..core.config import XAttnConfig
 from ..core.estimate import BlockSelection, append_dense_rows, checked_config, estimate_blocks
+from ..core.token_order import TokenOrder, check_tile, check_token_order, default_tile, grid_from_latents, tiled_order
 from .stats import StepStats, write_json_atomic
 from .stats import blocks as _blocks
 from .stats import summary as _summary
-from ..core.token_order import TokenOrder, check_tile, check_token_order, default_tile, grid_from_latents, tiled_order
 from .steps import StepPosition, StepTracker, tensor_version
 
 __all__ = ["XAttnProcessor", "enable"]
