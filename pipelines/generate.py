@@ -2,7 +2,7 @@
 
 With no config the embedded default runs: a tiny random HunyuanVideo pipeline on the CPU, a dense and an
 XAttention variant. Overrides are OmegaConf dot-lists, e.g.
-  xattn-video generate configs/hunyuan_544x960.yaml attention.threshold=0.95 seeds=[0,1]
+  xattn-video generate configs/hunyuan_544x960.yaml attention.variants.xattn_t090.threshold=0.85 seeds=[0,1]
   xattn-video generate prompts.vbench_file=samples/vbench_prompts_sample.txt seeds=[0,1,2,3,4]
   torchrun --nproc-per-node 8 -m xattn_video generate configs/hunyuan_720x1280.yaml
 
