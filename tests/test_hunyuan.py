@@ -154,6 +154,27 @@ def test_autocast_bfloat16_runs_like_stock_and_sparse_steps_run(stock):
     assert torch.isfinite(sparse).all() and rel_err(sparse, ref) > rel_err(dense, ref)
 
 
+@pytest.mark.gpu
+def test_autocast_bfloat16_on_cuda_with_the_triton_backend():
+    """The case the issue met: CUDA autocast (bfloat16), the processor on its default (Triton) backend. Threshold 1
+    gives stock diffusers' result under the same autocast; a sparse step runs."""
+    pipe = build_tiny_hunyuan_pipeline(seed=0).to("cuda")
+    fp32 = generate(pipe)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = generate(pipe)
+    autocast_effect = rel_err(ref, fp32)
+    xattn_video.enable(pipe, threshold=1.0, stride=8, warmup_steps=0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        dense = generate(pipe)
+    assert rel_err(dense, ref) < autocast_effect / 3
+    proc = xattn_video.enable(pipe, threshold=THRESHOLD, stride=8, warmup_steps=1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        sparse = generate(pipe)
+    steps = proc.stats["generations"][0]["steps"]
+    assert [s["mode"] for s in steps] == ["dense", "sparse"] and steps[1]["density"] < 1
+    assert torch.isfinite(sparse).all()
+
+
 def test_step_counting_consecutive_calls_and_true_cfg(stock):
     """Two pipeline calls in a row with true CFG (two forwards per step): generations 0 and 1, steps 0..1,
     each layer called twice per step; dense-warmup output with CFG equals stock's."""
