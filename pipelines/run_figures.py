@@ -26,8 +26,8 @@ from dataclasses import dataclass
 DENSITY = "density"
 SPARSE_STEP_DENSITY = "sparse-step density"
 SPEEDUP = "speed-up"
-CPU_TIMING_NOTE = ("timings on a CPU (such as the tiny default model's) are not a speed measurement: the same run "
-                   "gives 0.4x one time and 1.4x the next; measure speed on a GPU")
+CPU_TIMING_NOTE = ("timings on a CPU (such as the tiny default model's) are not a speed measurement: the same config "
+                   "has given anything from 0.3x to 1.4x from one run to the next; measure speed on a GPU")
 
 _PROCESS: tuple[int, str] | None = None
 
