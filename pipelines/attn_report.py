@@ -9,7 +9,7 @@ many warmup steps a threshold needs. The generation itself is unchanged by the m
 
 The config is generate's (the same embedded tiny default, YAML file and dotted overrides):
   xattn-video attn-report                                          # tiny default, CPU, a few seconds
-  xattn-video attn-report configs/hunyuan_544x960.yaml --variant xattn attention.threshold=0.95
+  xattn-video attn-report configs/hunyuan_544x960.yaml --variant xattn_t090 attention.variants.xattn_t090.threshold=0.8
 The run uses one xattn variant (--variant, default the first), one prompt (--prompt-index) and the first seed.
 
 Output (default <output.root>/attn-report/<variant>):

@@ -7,6 +7,7 @@ import difflib
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,40 @@ def resolve_layers(
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {item!r} is not allowed: {str(e).splitlines()[0]}") from None
     try:
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config cannot be resolved: {str(e).splitlines()[0]}") from None
+    for line in shadowed_overrides(resolved, overrides):
+        print(f"warning: {line}", file=sys.stderr)
+    return resolved
+
+
+def shadowed_overrides(resolved: dict, overrides: Sequence[str]) -> list[str]:
+    """One line per override of a shared XAttention setting (``attention.KEY=VALUE``) that changes nothing: every
+    selected xattn variant sets its own KEY (``attention.KEY`` is only the default of variants that set none), or
+    no selected variant is an xattn variant. The line names the override that would work."""
+    attention = resolved.get("attention") if isinstance(resolved, dict) else None
+    variants = attention.get("variants") if isinstance(attention, dict) else None
+    if not isinstance(variants, dict):
+        return []
+    select = attention.get("select")
+    select = [select] if isinstance(select, str) else select
+    names = [n for n in variants if not isinstance(select, list) or n in select]
+    xattn = [n for n in names if isinstance(variants[n], dict) and variants[n].get("mode") == "xattn"]
+    lines = []
+    for item in overrides:
+        key, _, value = (part.strip() for part in item.partition("="))
+        parts = key.split(".")
+        if len(parts) != 2 or parts[0] != "attention" or parts[1] in ("select", "variants"):
+            continue
+        if parts[1] not in attention:  # an unknown key: validation names it
+            continue
+        setting = parts[1]
+        if not xattn:
+            lines.append(f"override {item!r} changes nothing: no selected variant is an xattn variant "
+                         f"({', '.join(names)})")
+        elif all(setting in variants[n] for n in xattn):
+            lines.append(f"override {item!r} changes nothing: every xattn variant sets its own {setting} "
+                         f"({', '.join(xattn)}); set a variant's instead, e.g. "
+                         f"attention.variants.{xattn[0]}.{setting}={value}")
+    return lines

@@ -2,7 +2,7 @@
 
 With no config the embedded default runs: a tiny random HunyuanVideo pipeline on the CPU, a dense and an
 XAttention variant. Overrides are OmegaConf dot-lists, e.g.
-  xattn-video generate configs/hunyuan_544x960.yaml attention.threshold=0.95 seeds=[0,1]
+  xattn-video generate configs/hunyuan_544x960.yaml attention.variants.xattn_t090.threshold=0.85 seeds=[0,1]
   xattn-video generate prompts.vbench_file=samples/vbench_prompts_sample.txt seeds=[0,1,2,3,4]
   torchrun --nproc-per-node 8 -m xattn_video generate configs/hunyuan_720x1280.yaml
 
@@ -36,10 +36,10 @@ process takes its own share of the videos (RANK / WORLD_SIZE), one GPU each (LOC
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import resource
 import socket
-import statistics
 import sys
 import time
 import traceback
@@ -47,8 +47,10 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
+from . import run_figures
 from .config_checks import run_config_command
 from .generate_config import (
     ConfigError,
@@ -384,6 +386,7 @@ def build_sidecar(job: VideoJob, cfg: GenerateConfig, gen: Generated, layout: La
         "rank": rank,
         "world_size": world_size,
         "host": socket.gethostname(),
+        "process": run_figures.process_id(),  # step times compare only within one process
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions,
         "config": cfg.resolved,
@@ -424,8 +427,11 @@ class VariantTally:
     step_s: list[float] = field(default_factory=list)  # every denoising step of every video, pooled
     density: list[float] = field(default_factory=list)
     sparse_density: list[float] = field(default_factory=list)
+    sidecars: dict[str, dict] = field(default_factory=dict)  # by video name: pairs variants for the speed-up
 
     def add(self, sidecar: dict) -> None:
+        if sidecar.get("video"):
+            self.sidecars[Path(sidecar["video"]).stem] = sidecar
         timing = sidecar.get("timing", {})
         if timing.get("total_s") is not None:
             self.video_s.append(float(timing["total_s"]))
@@ -459,30 +465,29 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
 def summary_table(result: RunResult) -> str:
     """The end-of-run table: per variant, videos made / skipped / failed, median time per video and per
     denoising step (all steps of all videos pooled: the first video's Triton compilation is one outlier
-    among many), mean block density (all steps; sparse steps only) and the step speed relative to the dense
-    baseline."""
+    among many), mean density and sparse-step density, and the step speed-up against the dense baseline as
+    :func:`run_figures.step_speedup` defines it (``quality`` reports the same figure from the sidecars)."""
+    _median = run_figures.median
     rows = list(result.tallies.values())
     base = next((t for t in rows if t.variant.mode == "dense" and t.step_s), None) or next(
         (t for t in rows if t.variant.mode == "stock" and t.step_s), None
     )
-    base_step = _median(base.step_s) if base else None
+    speedups = {t.variant.name: run_figures.step_speedup([(base.sidecars.get(name), sidecar)
+                                                          for name, sidecar in t.sidecars.items()])
+                for t in rows if base is not None}
 
     def fmt(x: float | None, spec: str) -> str:
         return "-" if x is None else format(x, spec)
 
-    header = ["variant", "mode", "planned", "made", "skipped", "failed", "s/video", "s/step", "density",
-              "sparse-step density", "speed-up"]
+    header = ["variant", "mode", "planned", "made", "skipped", "failed", "s/video", "s/step", run_figures.DENSITY,
+              run_figures.SPARSE_STEP_DENSITY, run_figures.SPEEDUP]
     lines = [header]
     for t in rows:
         step = _median(t.step_s)
-        speed = base_step / step if (base_step and step) else None
+        speed = speedups[t.variant.name].value if t.variant.name in speedups else None
         lines.append([t.variant.name, t.variant.mode, str(t.planned), str(t.made), str(t.skipped), str(t.failed),
                       fmt(_median(t.video_s), ".2f"), fmt(step, ".3f"), fmt(_mean(t.density), ".3f"),
                       fmt(_mean(t.sparse_density), ".3f"), fmt(speed, ".2f") + ("x" if speed else "")])
@@ -494,11 +499,21 @@ def summary_table(result: RunResult) -> str:
     note = (f"summary{who}, over every finished video of this share: median s/video and s/step (robust to the "
             "first video's kernel compilation), mean density")
     if base:
-        note += f"; speed-up is s/step of {base.variant.name} / s/step"
+        note += (f"; speed-up is the median step of {base.variant.name} / the median step, over the videos one "
+                 "process made both of")
+    notes = []
+    for t in rows:
+        s = speedups.get(t.variant.name)
+        if s is not None and s.left_out:
+            notes.append(f"{t.variant.name}: speed-up {s.note}")
+        elif s is not None and s.pairs and s.pairs != max(len(t.sidecars), len(base.sidecars)):
+            notes.append(f"{t.variant.name}: speed-up over the {s.pairs} videos both variants finished")
+    if any(s.on_cpu for s in speedups.values()):
+        notes.append(f"note: {run_figures.CPU_TIMING_NOTE}")
     whole = f"whole run: {result.run_finished} of {result.run_total} videos finished"
     if result.world_size > 1:
         whole += " (when this process ended; the others may still be at work)"
-    return "\n".join([note, *text, whole])
+    return "\n".join([note, *text, *notes, whole])
 
 
 # ----------------------------------------------------------------------------------------------------- run
@@ -516,6 +531,23 @@ class Log:
 
         for line in message.splitlines() or [""]:
             tqdm.write(self.prefix + line, file=self.stream)
+
+
+def write_block(text: str, *, rank: int, world_size: int, stream: Any = None) -> None:
+    """``text`` with every line prefixed by the rank when there are several processes, in ONE write: under
+    torchrun the ranks share one output pipe, and line-by-line prints of two summaries run together."""
+    stream = stream if stream is not None else sys.stdout
+    prefix = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
+    data = "".join(f"{prefix}{line}\n" for line in text.splitlines()).encode()
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a capture in tests, a notebook)
+        stream.write(data.decode())
+        stream.flush()
+        return
+    stream.flush()
+    while data:  # one write unless the OS takes part of it (a pipe takes up to its buffer at once)
+        data = data[os.write(fd, data):]
 
 
 def _show_progress(setting: str) -> bool:
@@ -694,7 +726,8 @@ def run(args: argparse.Namespace) -> int:
     if result is None:  # --print-config
         return 0
     if not args.dry_run:
-        print(summary_table(result))
-    for label, error in result.failures:
-        print(f"FAILED {label}: {error}", file=sys.stderr)
+        write_block(summary_table(result), rank=result.rank, world_size=result.world_size)
+    if result.failures:
+        write_block("\n".join(f"FAILED {label}: {error}" for label, error in result.failures), rank=result.rank,
+                    world_size=result.world_size, stream=sys.stderr)
     return 0 if result.ok else 1

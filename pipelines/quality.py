@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import run_figures
+
 HELP = "PSNR / SSIM / LPIPS of videos against a dense-attention reference, per frame and per video, with plots"
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".gif")
 METRICS_VERSION = 1  # part of each cached pair's key: bump when a metric's definition changes
@@ -402,8 +404,9 @@ def _read_cache(path: Path, key: str) -> dict | None:
 
 def generation_info(folder: Path, name: str) -> dict | None:
     """What `generate` recorded about a video in its sidecar (<run>/meta/<variant>/<name>.json): attention
-    settings, block density over all steps and over the sparse steps, mean denoising step time. None when
-    the video has no sidecar (a folder not made by `generate`)."""
+    settings, density and sparse-step density, the denoising step times and the process and device that
+    measured them (:mod:`xattn_video.pipelines.run_figures`). None when the video has no sidecar (a folder not
+    made by `generate`)."""
     try:
         data = json.loads((folder.parent / "meta" / folder.name / f"{name}.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -413,7 +416,8 @@ def generation_info(folder: Path, name: str) -> dict | None:
     stats = data.get("attention_stats") or {}
     timing = data.get("timing") or {}
     return {"attention": data.get("attention"), "density": stats.get("density"),
-            "sparse_density": stats.get("sparse_density"), "mean_step_s": timing.get("mean_step_s")}
+            "sparse_density": stats.get("sparse_density"), "mean_step_s": timing.get("mean_step_s"),
+            "timing": {"step_s": timing.get("step_s")}, "process": data.get("process"), "device": data.get("device")}
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -430,17 +434,18 @@ def build_report(reference: Path, pairings: list[Pairing], per_candidate: dict, 
         ok = [r for r in videos.values() if "error" not in r]
         psnrs = [_from_json_number(r["psnr"]) for r in ok]
         gen = [r.get("generation") or {} for r in ok]
-        ref_gen = [r.get("reference_generation") or {} for r in ok]
-        cand_step = _mean([g.get("mean_step_s") for g in gen])
-        ref_step = _mean([g.get("mean_step_s") for g in ref_gen])
+        speed = run_figures.step_speedup([(r.get("reference_generation"), r.get("generation")) for r in ok])
         candidates[p.name] = {
             "folder": str(p.folder),
-            "generation": {  # from generate's sidecars, when the folders come from it
+            "generation": {  # from generate's sidecars, when the folders come from it; as generate defines them
                 "density": _mean([g.get("density") for g in gen]),
                 "sparse_density": _mean([g.get("sparse_density") for g in gen]),
-                "mean_step_s": cand_step,
-                "reference_mean_step_s": ref_step,
-                "step_speedup": ref_step / cand_step if ref_step and cand_step else None,
+                "median_step_s": speed.candidate_step_s,
+                "reference_median_step_s": speed.reference_step_s,
+                "step_speedup": speed.value,
+                "step_speedup_pairs": speed.pairs,
+                "step_speedup_note": speed.note,
+                "timed_on_cpu": speed.on_cpu,
             },
             "compared": len(ok),
             "failed": len(videos) - len(ok),
@@ -482,17 +487,22 @@ def markdown_report(report: dict) -> str:
     lines = [f"# Quality against `{report['reference']}`", ""]
     if not lp.get("available"):
         lines += [f"LPIPS: not available ({lp.get('reason')}).", ""]
-    lines += ["| candidate | videos | failed | density (sparse steps) | step speed-up | PSNR (dB) | SSIM | LPIPS |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| candidate | videos | failed | {run_figures.DENSITY} | {run_figures.SPARSE_STEP_DENSITY} | step "
+              f"{run_figures.SPEEDUP} | PSNR (dB) | SSIM | LPIPS |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, c in report["candidates"].items():
         m, g = c["mean"], c["generation"]
         speed = _fmt(g["step_speedup"], ".2f") + ("x" if g["step_speedup"] else "")
-        lines.append(f"| {name} | {c['compared']} | {c['failed']} | {_fmt(g['sparse_density'], '.3f')} | {speed} | "
+        lines.append(f"| {name} | {c['compared']} | {c['failed']} | {_fmt(g['density'], '.3f')} | "
+                     f"{_fmt(g['sparse_density'], '.3f')} | {speed} | "
                      f"{_fmt(_from_json_number(m['psnr']), '.2f')} | {_fmt(m['ssim'], '.4f')} | "
                      f"{_fmt(m['lpips'], '.4f')} |")
+    notes = speed_notes(report)
+    if notes:
+        lines += ["", *(f"- {line}" for line in notes)]
     for name, c in report["candidates"].items():
-        lines += ["", f"## {name}", "", "| video | frames | size | density (sparse steps) | PSNR (dB) | min frame PSNR "
-                  "| SSIM | LPIPS |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", f"## {name}", "", f"| video | frames | size | {run_figures.SPARSE_STEP_DENSITY} | PSNR (dB) | "
+                  "min frame PSNR | SSIM | LPIPS |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for video, r in c["videos"].items():
             if "error" in r:
                 lines.append(f"| {video} | | | | error: {r['error']} | | | |")
@@ -509,21 +519,34 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def speed_notes(report: dict) -> list[str]:
+    """Why a candidate's step speed-up is missing or partial, and the CPU caveat (run_figures)."""
+    notes = [f"{name}: step speed-up {c['generation']['step_speedup_note']}"
+             for name, c in report["candidates"].items() if c["generation"].get("step_speedup_note")
+             and c["generation"]["step_speedup_note"] != "no step times to compare"]
+    if any(c["generation"].get("timed_on_cpu") for c in report["candidates"].values()):
+        notes.append(f"note: {run_figures.CPU_TIMING_NOTE}")
+    return notes
+
+
 def summary_table(report: dict) -> str:
     """The lines printed at the end of a run."""
-    header = ["candidate", "videos", "failed", "density", "speed-up", "PSNR dB", "SSIM", "LPIPS"]
+    header = ["candidate", "videos", "failed", run_figures.DENSITY, run_figures.SPARSE_STEP_DENSITY,
+              run_figures.SPEEDUP, "PSNR dB", "SSIM", "LPIPS"]
     rows = [header]
     for name, c in report["candidates"].items():
         m, g = c["mean"], c["generation"]
-        rows.append([name, str(c["compared"]), str(c["failed"]), _fmt(g["sparse_density"], ".3f"),
-                     _fmt(g["step_speedup"], ".2f"), _fmt(_from_json_number(m["psnr"]), ".2f"),
+        speed = _fmt(g["step_speedup"], ".2f") + ("x" if g["step_speedup"] else "")
+        rows.append([name, str(c["compared"]), str(c["failed"]), _fmt(g["density"], ".3f"),
+                     _fmt(g["sparse_density"], ".3f"), speed, _fmt(_from_json_number(m["psnr"]), ".2f"),
                      _fmt(m["ssim"], ".4f"), _fmt(m["lpips"], ".4f")])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
             for r in rows]
     text.insert(1, "  ".join("-" * w for w in widths))
-    note = "means over videos; density (sparse steps) and step speed-up from generate's sidecars, when present"
-    return "\n".join([f"against {report['reference']} ({note})", *text])
+    note = ("means over videos; density, sparse-step density and speed-up (median step of the reference / median "
+            "step, videos one process made both of) from generate's sidecars, as generate reports them")
+    return "\n".join([f"against {report['reference']} ({note})", *text, *speed_notes(report)])
 
 
 # ----------------------------------------------------------------------------------------------------- CLI

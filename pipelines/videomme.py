@@ -52,6 +52,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from . import run_figures
 from .answers import extract_choice, score
 from .videomme_config import ConfigError, Variant, VideoMMEConfig, load_config, to_yaml
 
@@ -299,7 +300,8 @@ def run_videomme(cfg: VideoMMEConfig, *, dry_run: bool = False) -> RunResult:
                 f.write(b"\n")
 
     def record(variant: Variant, fields: dict, **extra: Any) -> dict:
-        rec = {**fields, "variant": variant.name, "key": keys[variant.name], "time": _now(), **extra}
+        rec = {**fields, "variant": variant.name, "key": keys[variant.name], "time": _now(),
+               "process": run_figures.process_id(), **extra}  # prefill times compare only within one process
         append_manifest(paths[variant.name], rec)
         return rec
 
@@ -379,9 +381,18 @@ def run_videomme(cfg: VideoMMEConfig, *, dry_run: bool = False) -> RunResult:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def _median(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
+_median = run_figures.median
+
+
+def timed_questions(per_variant: dict[str, dict[str, dict]]) -> tuple[list[str], int]:
+    """The questions whose prefill times the report compares: every variant answered them (status ok) in one
+    process (another run may have used another GPU, or none). Returns them and how many every variant
+    answered but different processes timed."""
+    answered = [{q for q, r in recs.items() if r.get("status") == "ok"} for recs in per_variant.values()]
+    common = sorted(set.intersection(*answered)) if answered else []
+    timed = [q for q in common if len({recs[q].get("process") for recs in per_variant.values()} - {None}) == 1
+             and all(recs[q].get("process") for recs in per_variant.values())]
+    return timed, len(common) - len(timed)
 
 
 def _fmt(x: float | None, spec: str = ".1f", none: str = "-") -> str:
@@ -397,6 +408,7 @@ def write_report(cfg: VideoMMEConfig, root: Path, keys: dict, paths: dict, quest
     per_variant = {v.name: {qid: r for qid, r in latest(read_answers(paths[v.name]), keys[v.name]).items()
                             if qid in wanted} for v in cfg.variants}
     dense = next((v.name for v in cfg.variants if v.mode == "dense"), None)
+    timed, untimed = timed_questions(per_variant)
     variants = {}
     for v in cfg.variants:
         recs = list(per_variant[v.name].values())
@@ -408,9 +420,10 @@ def write_report(cfg: VideoMMEConfig, root: Path, keys: dict, paths: dict, quest
             "answered": len(ok),
             "errors": len(recs) - len(ok),
             "unparsed": sum(r.get("pred") is None for r in ok),
-            "median_prefill_ms": _median([r.get("prefill_ms") for r in ok]),
-            "median_llm_prefill_ms": _median([r.get("llm_prefill_ms") for r in ok]),
-            "median_vision_ms": _median([r.get("vision_ms") for r in ok]),
+            # over the timed questions (every variant's, one process), so that the speed-ups are their ratios
+            "median_prefill_ms": _median([per_variant[v.name][q].get("prefill_ms") for q in timed]),
+            "median_llm_prefill_ms": _median([per_variant[v.name][q].get("llm_prefill_ms") for q in timed]),
+            "median_vision_ms": _median([per_variant[v.name][q].get("vision_ms") for q in timed]),
             "mean_density": (statistics.fmean(d) if (d := [r["density"] for r in ok if r.get("density") is not None])
                              else None),
             "prompt_tokens_median": _median([r.get("prompt_tokens") for r in ok]),
@@ -427,15 +440,18 @@ def write_report(cfg: VideoMMEConfig, root: Path, keys: dict, paths: dict, quest
             base = per_variant[dense]
             pairs = [(base[q], r) for q, r in per_variant[v.name].items()
                      if r.get("status") == "ok" and base.get(q, {}).get("status") == "ok"]
-            for key in ("prefill_ms", "llm_prefill_ms"):
-                ratios = [b[key] / r[key] for b, r in pairs if b.get(key) and r.get(key)]
-                entry[f"{key.removesuffix('_ms')}_speedup_vs_dense"] = _median(ratios)
             entry["agreement_with_dense"] = (sum(b.get("pred") == r.get("pred") for b, r in pairs) / len(pairs)
                                              if pairs else None)
             entry["paired_questions"] = len(pairs)
         variants[v.name] = entry
+    for name, entry in variants.items():
+        if dense is not None and name != dense:
+            for key in ("prefill_ms", "llm_prefill_ms"):  # the ratio of the medians printed beside it
+                entry[f"{key.removesuffix('_ms')}_speedup_vs_dense"] = run_figures.speedup(
+                    variants[dense][f"median_{key}"], entry[f"median_{key}"])
     report = {"schema": SCHEMA, "created": _now(), "questions": len(question_ids), "unusable_rows": len(bad_rows),
-              "dense_variant": dense, "variants": variants, "config": cfg.resolved}
+              "dense_variant": dense, "timed_questions": len(timed), "untimed_questions": untimed,
+              "variants": variants, "config": cfg.resolved}
     md = markdown_report(report)
     write_json_atomic(root / "report.json", report)
     write_text_atomic(root / "report.md", md)
@@ -462,7 +478,7 @@ def markdown_report(report: dict) -> str:
                 lines.append(f"| {label} | " + " | ".join(cell(scores[n][field_name].get(value)) for n in names)
                              + " |")
     lines += ["", "| variant | answered | errors | unparsed | mean density | median prefill ms (LLM part) | "
-                  "prefill speed-up vs dense, x (LLM part) | agreement with dense, % |",
+                  f"prefill {run_figures.SPEEDUP} vs dense, x (LLM part) | agreement with dense, % |",
               "|---|---|---|---|---|---|---|---|"]
     for n in names:
         v = report["variants"][n]
@@ -472,6 +488,12 @@ def markdown_report(report: dict) -> str:
         lines.append(f"| {n} | {v['answered']} | {v['errors']} | {v['unparsed']} | {_fmt(v['mean_density'], '.3f')} | "
                      f"{_fmt(v['median_prefill_ms'])} ({_fmt(v['median_llm_prefill_ms'])}) | {speed} | "
                      f"{_fmt(None if agree is None else 100 * agree, '.1f')} |")
+    timed, untimed = report.get("timed_questions"), report.get("untimed_questions")
+    if timed is not None:
+        lines += ["", f"Prefill medians over the {timed} questions every variant answered in one process; the "
+                      "speed-up is the dense median over the variant's."
+                  + (f" {untimed} more were answered by different processes (another run): their times are not "
+                     "comparable and are left out." if untimed else "")]
     lines += ["", "| variant | duration | questions | median prompt tokens | mean density | median LLM prefill ms |",
               "|---|---|---|---|---|---|"]
     for n in names:

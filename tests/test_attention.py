@@ -146,6 +146,57 @@ def test_out_receives_the_result_in_any_layout(backend, device):
         xattn_attention(q, k, v, **params, out=out[:, :, 1:])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_with_a_non_contiguous_last_dim_receives_the_result(backend, device):
+    """``out`` takes any strides, as documented: a last dim of stride != 1 (a transposed [B, H, D, N] buffer)
+    gets the same numbers as a fresh output."""
+    q, k, v = video_like_qkv(frames=4, height=8, width=8, text_tokens=17, heads=3, head_dim=32, device=device)
+    params = dict(threshold=0.8, stride=8, block_size=32, backend=backend)
+    expected = xattn_attention(q, k, v, **params)
+    out = torch.full((q.shape[0], q.shape[1], q.shape[3], q.shape[2]), float("nan"), device=device).transpose(2, 3)
+    assert out.stride(-1) != 1
+    result = xattn_attention(q, k, v, **params, out=out)
+    assert result is out and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("threshold", [0.8, 1.0])
+def test_empty_batch_returns_empty_like_sdpa(backend, threshold, device):
+    """Batch 0: an empty output shaped like SDPA's, stats over no blocks (density NaN, as the mean of nothing),
+    an empty block mask, and ``out`` handed back."""
+    q, k, v = random_qkv(0, 4, 2, 300, 16, torch.float32, device)
+    sdpa = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    params = dict(threshold=threshold, stride=8, block_size=64, backend=backend)
+    out, stats = xattn_attention(q, k, v, **params, return_stats=True)
+    assert out.shape == sdpa.shape == (0, 4, 300, 16) and out.dtype == sdpa.dtype
+    assert stats.kept_blocks == stats.total_blocks == 0 and stats.density != stats.density  # NaN
+    assert stats.density_per_head.shape == (0, 4)
+    mask = estimate_block_mask(q, k, **params)
+    assert mask.shape == (0, 4, 5, 5) and mask.dtype == torch.bool
+    target = torch.empty_like(q)
+    assert xattn_attention(q, k, v, **params, out=target) is target
+
+
+def test_autocast_casts_inputs_as_sdpa_does():
+    """Under CPU autocast (bfloat16) float32 q/k beside bfloat16 v run, as SDPA does, in bfloat16: at threshold 1
+    the result equals SDPA's under the same autocast, and a sparse call runs and stays close to it."""
+    q, k, v = random_qkv(1, 2, 2, 200, 32, torch.float32)
+    v = v.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.scaled_dot_product_attention(q, k, v)
+        dense = xattn_attention(q, k, v, threshold=1.0, stride=8, block_size=64, backend="torch")
+        sparse, stats = xattn_attention(q, k, v, threshold=0.6, stride=8, block_size=64, backend="torch",
+                                        return_stats=True)
+        mask = estimate_block_mask(q, k, threshold=0.6, stride=8, block_size=64)
+    assert ref.dtype == dense.dtype == sparse.dtype == torch.bfloat16
+    assert rel_err(dense, ref) < 1e-2  # bfloat16 rounding, summed in another order
+    assert stats.density < 1 and stats.density == pytest.approx(mask.float().mean().item())
+    expected = block_sparse_attention64(q.bfloat16(), k.bfloat16(), v, mask, block_size=64, causal=False)
+    assert rel_err(sparse, expected) < 1e-2
+    with pytest.raises(ValueError, match="v has dtype"):  # without autocast mixed dtypes stay an error
+        xattn_attention(q, k, v, threshold=0.6, stride=8, block_size=64)
+
+
 # ---------------------------------------------------------------- bad input
 
 

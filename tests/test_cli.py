@@ -96,6 +96,18 @@ def test_options_and_overrides_in_any_order(tmp_path, capsys):
     assert err.value.code == 2 and "--no-such-flag" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_unknown_option_shows_the_subcommand_usage(command, capsys):
+    """``xattn-video COMMAND --foo`` is a usage error of COMMAND: its usage line, not the top level's."""
+    needs_positional = {"quality": ["some-dir"], "vbench": ["some-dir", "--dimensions", "quality"]}
+    with pytest.raises(SystemExit) as err:
+        cli.main([command, *needs_positional.get(command, []), "--foo"])
+    assert err.value.code == 2
+    text = capsys.readouterr().err
+    assert f"usage: xattn-video {command} " in text and "unrecognized arguments: --foo" in text
+    assert "COMMAND" not in text.splitlines()[0]
+
+
 def _run(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(list(argv), cwd=cwd, env=env, capture_output=True, text=True, timeout=120)

@@ -287,3 +287,80 @@ def test_the_embedded_default_command(tmp_path, monkeypatch, capsys, pipe):
     assert sparse["mode_per_step"][0] == "dense" and sparse["sparse_density"] < 1.0
     out = capsys.readouterr().out
     assert "whole run: 4 of 4 videos finished" in out and "xattn" in out
+
+
+# ------------------------------------------------------------------------------------------ figures that agree
+
+
+def _speedup_cell(table: str, variant: str) -> str:
+    header = next(line for line in table.splitlines() if line.startswith("variant "))
+    row = next(line for line in table.splitlines() if line.startswith(f"{variant} "))
+    assert header.split()[-1] == "speed-up" and "sparse-step density" in header
+    return row.split()[-1]
+
+
+def test_generate_and_quality_report_one_speedup_and_density(tmp_path, pipe, capsys):
+    """The same run read by `generate`'s summary and by `quality` from its sidecars: one speed-up (median step
+    of dense / median step of xattn), one density and one sparse-step density, named alike; on the CPU both
+    say that the times are not a speed measurement."""
+    from xattn_video.pipelines import run_figures
+
+    root = tmp_path / "out"
+    cfg = small_config(root, "prompts=[a cat walks, a dog runs, a bird flies]")
+    result, _ = run(cfg, pipe)
+    table = summary_table(result)
+    dense_steps = [x for t in [result.tallies["dense"]] for x in t.step_s]
+    xattn_steps = result.tallies["xattn"].step_s
+    expected = run_figures.median(dense_steps) / run_figures.median(xattn_steps)
+    assert _speedup_cell(table, "xattn") == f"{expected:.2f}x"
+    assert run_figures.CPU_TIMING_NOTE in table
+    assert cli.main(["quality", str(root), "--no-plots", "--no-lpips"]) == 0
+    out = capsys.readouterr().out
+    gen = json.loads((root / "quality" / "quality.json").read_text())["candidates"]["xattn"]["generation"]
+    assert gen["step_speedup"] == pytest.approx(expected)
+    assert gen["sparse_density"] == pytest.approx(sum(result.tallies["xattn"].sparse_density) / 3)
+    assert gen["density"] == pytest.approx(sum(result.tallies["xattn"].density) / 3)
+    row = next(line for line in out.splitlines() if line.startswith("xattn "))
+    assert f"{expected:.2f}x" in row and f"{gen['sparse_density']:.3f}" in row
+    assert "sparse-step density" in out and run_figures.CPU_TIMING_NOTE in out
+
+
+def test_videos_remade_by_another_process_are_not_compared(tmp_path, pipe, monkeypatch):
+    """A rerun (another process) that remakes the xattn videos beside dense videos of an earlier run: their
+    step times are not comparable, and the summary says so instead of printing a ratio."""
+    from xattn_video.pipelines import run_figures
+
+    root = tmp_path / "out"
+    cfg = small_config(root, "prompts=[a cat walks]")
+    run(cfg, pipe)
+    for path in [*(root / "xattn").glob("*.mp4"), *(root / "meta" / "xattn").glob("*.json")]:
+        path.unlink()
+    monkeypatch.setattr(run_figures, "process_id", lambda: "another-host:4242:later")
+    result, _ = run(cfg, pipe)
+    assert result.made == ["xattn/0000_a-cat-walks_seed0_0"] and len(result.skipped) == 1
+    table = summary_table(result)
+    assert _speedup_cell(table, "xattn") == "-"
+    assert "xattn: speed-up not comparable: the 1 videos of each side were made by different processes" in table
+
+
+def test_rank_summaries_are_one_prefixed_write(tmp_path, pipe, monkeypatch, capfd):
+    """Under torchrun the ranks share one output: each prints its summary as ONE write, every line prefixed with
+    its rank, so two summaries cannot run together on a line."""
+    writes: list[tuple[int, bytes]] = []
+    real_write = generate.os.write
+
+    def spy(fd: int, data: bytes) -> int:
+        writes.append((fd, bytes(data)))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(generate.os, "write", spy)
+    monkeypatch.setattr(generate, "run_generate", lambda cfg, **kw: run_generate(cfg, pipeline=pipe, log=lambda m: None,
+                                                                                   **kw))
+    args = ["generate", *SMALL, f"output.root={tmp_path}", "prompts=[one, two]", "--rank", "1", "--world-size", "2"]
+    assert cli.main(args) == 0
+    out = capfd.readouterr().out
+    summaries = [data for _, data in writes if b"speed-up" in data]  # (the manifest is appended with os.write too)
+    assert len(summaries) == 1 and summaries[0].decode() == out
+    lines = out.splitlines()
+    assert len(lines) >= 5 and all(line.startswith("[rank 1/2] ") for line in lines)
+    assert any(line.startswith("[rank 1/2] xattn ") for line in lines)

@@ -95,6 +95,45 @@ def test_overrides_layer_over_the_file(tmp_path):
     assert cfg.resolved["attention"]["threshold"] == 0.95
 
 
+def test_override_every_variant_shadows_warns_in_one_line(capsys):
+    """On the 720p config every xattn variant sets its own threshold: attention.threshold=0.95 changes nothing,
+    and says so in one line naming the key that works; that key does change the variant; where a variant
+    inherits the shared value (the tiny default) there is no warning."""
+    cfg = load_config(CONFIGS / "hunyuan_720x1280.yaml", ["attention.threshold=0.95"])
+    assert {v.name: v.threshold for v in cfg.variants if v.mode == "xattn"} == {"xattn_t090": 0.9, "xattn_t095": 0.95}
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "attention.threshold=0.95" in err[0] and "changes nothing" in err[0]
+    suggested = err[0].rsplit("e.g. ", 1)[1]
+    assert suggested == "attention.variants.xattn_t090.threshold=0.95"
+    fixed = load_config(CONFIGS / "hunyuan_720x1280.yaml", [suggested])
+    assert {v.name: v.threshold for v in fixed.variants}["xattn_t090"] == 0.95
+    assert capsys.readouterr().err == ""
+    inherited = load_config(None, ["attention.threshold=0.95", "attention.stride=16"])
+    assert [v.stride for v in inherited.variants if v.mode == "xattn"] == [16]
+    assert capsys.readouterr().err == ""
+    load_config(None, ["attention.stride=16", "attention.select=[dense]"])  # no xattn variant selected
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no selected variant is an xattn variant" in err[0]
+
+
+def test_readme_and_docstring_generate_examples_change_what_they_say(capsys):
+    """Every `xattn-video generate CONFIG key=value` example in the README and the module docs loads, and none of
+    its overrides is shadowed by the config's variants."""
+    import shlex
+
+    from xattn_video.pipelines import attn_report, generate
+
+    text = "\n".join([(ROOT / "README.md").read_text(), generate.__doc__, attn_report.__doc__])
+    examples = [line.split("#")[0].strip() for line in text.splitlines()
+                if line.strip().startswith(("xattn-video generate configs/", "xattn-video attn-report configs/"))]
+    assert len(examples) >= 4
+    for example in examples:
+        args = [a for a in shlex.split(example.rstrip("\\"))[2:] if not a.startswith("--") and a != "\\"]
+        args = [a for a in args if a != "xattn_t090" and not a.startswith("prompts.")]  # --variant's value; files
+        load_config(ROOT / args[0], args[1:])
+        assert "changes nothing" not in capsys.readouterr().err, example
+
+
 def test_override_shorthands_and_strings():
     cfg = load_config(None, ["prompts=[one, two]", "seeds=3", "output.naming={slug}-{seed}-{k}",
                              "video.negative_prompt=blurry: low quality", "attention.select=[xattn]"])

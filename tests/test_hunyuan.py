@@ -131,6 +131,50 @@ def test_sparse_after_warmup_differs_and_records_density(stock):
     close(generate(pipe, steps=3), ref)
 
 
+def test_autocast_bfloat16_runs_like_stock_and_sparse_steps_run(stock):
+    """Under torch.autocast (bfloat16) the RMS-normed q/k come out float32 beside a bfloat16 v; SDPA casts them,
+    and so must the processor. Threshold 1 gives stock diffusers' result under the same autocast (up to the
+    bfloat16 rounding of another summation order, well below what autocast itself changes), and a sparse step
+    runs."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = stock_output(stock, "autocast_latents2", steps=2)
+    fp32 = stock_output(stock, "latents2", steps=2)
+    autocast_effect = rel_err(ref, fp32)
+    assert autocast_effect > 1e-3  # autocast really ran the model in bfloat16
+    pipe = build_tiny_hunyuan_pipeline(seed=0)
+    xattn_video.enable(pipe, threshold=1.0, stride=8, warmup_steps=0)  # every step through xattn_attention
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = generate(pipe, steps=2)
+    assert dense.dtype == ref.dtype and rel_err(dense, ref) < autocast_effect / 3
+    proc = xattn_video.enable(pipe, threshold=THRESHOLD, stride=8, warmup_steps=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sparse = generate(pipe, steps=2)
+    steps = proc.stats["generations"][0]["steps"]
+    assert [s["mode"] for s in steps] == ["dense", "sparse"] and steps[1]["density"] < 1
+    assert torch.isfinite(sparse).all() and rel_err(sparse, ref) > rel_err(dense, ref)
+
+
+@pytest.mark.gpu
+def test_autocast_bfloat16_on_cuda_with_the_triton_backend():
+    """The case the issue met: CUDA autocast (bfloat16), the processor on its default (Triton) backend. Threshold 1
+    gives stock diffusers' result under the same autocast; a sparse step runs."""
+    pipe = build_tiny_hunyuan_pipeline(seed=0).to("cuda")
+    fp32 = generate(pipe)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = generate(pipe)
+    autocast_effect = rel_err(ref, fp32)
+    xattn_video.enable(pipe, threshold=1.0, stride=8, warmup_steps=0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        dense = generate(pipe)
+    assert rel_err(dense, ref) < autocast_effect / 3
+    proc = xattn_video.enable(pipe, threshold=THRESHOLD, stride=8, warmup_steps=1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        sparse = generate(pipe)
+    steps = proc.stats["generations"][0]["steps"]
+    assert [s["mode"] for s in steps] == ["dense", "sparse"] and steps[1]["density"] < 1
+    assert torch.isfinite(sparse).all()
+
+
 def test_step_counting_consecutive_calls_and_true_cfg(stock):
     """Two pipeline calls in a row with true CFG (two forwards per step): generations 0 and 1, steps 0..1,
     each layer called twice per step; dense-warmup output with CFG equals stock's."""

@@ -113,25 +113,63 @@ def test_lpips_with_local_weights_and_identical_videos(tmp_path):
     same = report["candidates"]["same"]["videos"][NAMES[0]]
     assert same["psnr"] == "inf" and set(same["psnr_per_frame"]) == {"inf"}
     assert same["ssim"] == pytest.approx(1.0) and same["lpips"] == pytest.approx(0.0, abs=1e-9)
-    assert "| same | 1 | 0 | n/a | n/a | inf | 1.0000 | 0.0000 |" in (run / "quality" / "quality.md").read_text()
+    assert "| same | 1 | 0 | n/a | n/a | n/a | inf | 1.0000 | 0.0000 |" in (run / "quality" / "quality.md").read_text()
     assert not (run / "quality" / "plots").exists()
 
 
+def _write_sidecars(run: Path, variant: str, density: float, steps: list[list[float]], process: str,
+                    device: str = "cuda:0") -> None:
+    for i, name in enumerate(NAMES):
+        sidecar = {"prompt": name, "attention": {"mode": variant}, "process": process, "device": device,
+                   "video": f"{variant}/{name}.mp4",
+                   "attention_stats": {"density": density, "sparse_density": density - 0.1 * i},
+                   "timing": {"step_s": steps[i], "mean_step_s": sum(steps[i]) / len(steps[i])}}
+        (run / "meta" / variant).mkdir(parents=True, exist_ok=True)
+        (run / "meta" / variant / f"{name}.json").write_text(json.dumps(sidecar))
+
+
 def test_density_and_speed_from_generate_sidecars(tmp_path, no_lpips, capsys):
+    """Density, sparse-step density (named so in both jobs) and the step speed-up as generate defines it: the
+    median step of the reference over the median step of the candidate, every step pooled; not the mean of
+    per-video means (a first video's kernel compilation would dominate that)."""
     run = make_run(tmp_path / "run")
-    for variant, density, step in (("dense", 1.0, 0.4), ("xattn", 0.3, 0.2)):
-        for i, name in enumerate(NAMES):
-            sidecar = {"prompt": name, "attention": {"mode": variant},
-                       "attention_stats": {"density": density, "sparse_density": density - 0.1 * i},
-                       "timing": {"mean_step_s": step * (1 + i)}}
-            (run / "meta" / variant).mkdir(parents=True, exist_ok=True)
-            (run / "meta" / variant / f"{name}.json").write_text(json.dumps(sidecar))
+    _write_sidecars(run, "dense", 1.0, [[9.0, 0.4, 0.4], [0.4, 0.4, 0.4]], "host:1:a")
+    _write_sidecars(run, "xattn", 0.3, [[5.0, 0.2, 0.2], [0.2, 0.2, 0.2]], "host:1:a")
     assert cli.main(["quality", str(run), "--no-plots"]) == 0
+    out = capsys.readouterr().out
     report = json.loads((run / "quality" / "quality.json").read_text())["candidates"]["xattn"]
+    assert report["generation"]["density"] == pytest.approx(0.3)
     assert report["generation"]["sparse_density"] == pytest.approx(0.25)
-    assert report["generation"]["step_speedup"] == pytest.approx((0.4 + 0.8) / (0.2 + 0.4))
+    assert report["generation"]["step_speedup"] == pytest.approx(0.4 / 0.2)
+    assert report["generation"]["step_speedup_pairs"] == 2 and report["generation"]["step_speedup_note"] is None
     assert report["videos"][NAMES[1]]["generation"]["sparse_density"] == pytest.approx(0.2)
-    assert "| xattn | 2 | 0 | 0.250 | 2.00x |" in (run / "quality" / "quality.md").read_text()
+    assert "| xattn | 2 | 0 | 0.300 | 0.250 | 2.00x |" in (run / "quality" / "quality.md").read_text()
+    assert "sparse-step density" in out and "2.00x" in out and "not a speed measurement" not in out
+
+
+def test_timings_of_different_processes_are_not_compared(tmp_path, no_lpips, capsys):
+    """Reference and candidate sidecars from different processes (another run, rank or machine): no speed-up,
+    and the report says why; pairs from one process still count when others do not. CPU timings carry a note."""
+    run = make_run(tmp_path / "run")
+    _write_sidecars(run, "dense", 1.0, [[0.4, 0.4], [0.4, 0.4]], "host:1:a")
+    _write_sidecars(run, "xattn", 0.3, [[0.03, 0.03], [0.03, 0.03]], "other:7:b")
+    assert cli.main(["quality", str(run), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    gen = json.loads((run / "quality" / "quality.json").read_text())["candidates"]["xattn"]["generation"]
+    assert gen["step_speedup"] is None and "not comparable" in gen["step_speedup_note"]
+    assert "13.33x" not in out and "not comparable" in out
+    xattn_line = next(line for line in out.splitlines() if line.startswith("xattn "))
+    assert " - " in f" {xattn_line} ".replace("n/a", "-")
+    # one of the two videos remade by the reference's process: the speed-up covers that pair only
+    sidecar = run / "meta" / "xattn" / f"{NAMES[0]}.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "process": "host:1:a", "device": "cpu",
+                                   "timing": {"step_s": [0.1, 0.1]}}))
+    (run / "quality" / "quality.json").unlink()
+    assert cli.main(["quality", str(run), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    gen = json.loads((run / "quality" / "quality.json").read_text())["candidates"]["xattn"]["generation"]
+    assert gen["step_speedup"] == pytest.approx(4.0) and gen["step_speedup_pairs"] == 1
+    assert "over the 1 of 2 videos" in out and "not a speed measurement" in out
 
 
 def test_rerun_reuses_finished_pairs_and_redoes_changed_files(tmp_path, no_lpips, monkeypatch):

@@ -229,3 +229,34 @@ def test_real_loading_path_on_a_model_folder(dataset, tmp_path, capsys):
                 "attention.select=[dense]") == 0
     assert [r["response"] for r in _answers(tmp_path / "tiny", "dense")] == [r["response"] for r in dense]
     capsys.readouterr()
+
+
+def test_report_speedup_is_the_ratio_of_the_medians_beside_it(tmp_path):
+    """The prefill speed-up is the dense median over the variant's median, both as printed, over the questions
+    every variant answered in one process: an answer from another process (another run) or an error is left
+    out of every median, and the report says how many were left out."""
+    from xattn_video.pipelines import videomme
+
+    cfg = load_config(None, [])
+    keys = {"dense": "kd", "xattn": "kx"}
+    paths = {name: tmp_path / name / "answers.jsonl" for name in keys}
+    times = {"dense": [100.0, 200.0, 300.0, 400.0, 500.0], "xattn": [90.0, 100.0, 250.0, 1.0, None]}
+    for name, key in keys.items():
+        lines = []
+        for i, ms in enumerate(times[name]):
+            rec = {"question_id": f"q{i}", "key": key, "status": "ok" if ms else "error", "pred": "A",
+                   "correct": True if ms else None, "duration": "short", "task_type": "t", "prefill_ms": ms,
+                   "llm_prefill_ms": ms and ms / 2, "vision_ms": ms and ms / 2, "density": None,
+                   "prompt_tokens": 10, "process": "other:2:x" if (name, i) == ("xattn", 3) else "host:1:a"}
+            lines.append(json.dumps(rec))
+        paths[name].parent.mkdir(parents=True)
+        paths[name].write_text("\n".join(lines) + "\n")
+    report, md = videomme.write_report(cfg, tmp_path, keys, paths, [f"q{i}" for i in range(5)], [])
+    dense, xattn = report["variants"]["dense"], report["variants"]["xattn"]
+    assert report["timed_questions"] == 3 and report["untimed_questions"] == 1
+    assert dense["median_prefill_ms"] == 200.0 and xattn["median_prefill_ms"] == 100.0
+    assert xattn["prefill_speedup_vs_dense"] == pytest.approx(2.0)  # not the median of per-question ratios (1.2)
+    assert xattn["llm_prefill_speedup_vs_dense"] == pytest.approx(2.0)
+    row = next(line for line in md.splitlines() if line.startswith("| xattn | 4 |"))
+    assert "| 100.0 (50.0) | 2.00 (2.00) |" in row
+    assert "over the 3 questions every variant answered in one process" in md and "1 more" in md

@@ -65,7 +65,7 @@ def build_parser(commands: dict[str, str] | None = None) -> argparse.ArgumentPar
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(command)
-        command.set_defaults(_run=module.run)
+        command.set_defaults(_run=module.run, _parser=command)  # _parser: unknown options report its usage
     return parser
 
 
@@ -76,8 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = getattr(args, "_positional_rest", None)
     if extra and rest and not any(item.startswith("-") for item in extra):
         getattr(args, rest).extend(extra)  # positionals given after options: `generate c.yaml --dry-run k=v`
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    elif extra:  # the subcommand's usage, not the top level's: the user is inside the subcommand
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args._run(args) or 0)
     except CommandError as e:

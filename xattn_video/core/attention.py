@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import torch
 
 from .config import XAttnConfig
 from .estimate import BlockSelection, checked_config, estimate_blocks
+from .inputs import autocast_inputs
 from .reference import block_sparse_attention_torch
 
 
@@ -18,7 +20,8 @@ class XAttnStats:
     """What one call did: how dense it was and where the time went.
 
     density: kept blocks / blocks attention may visit (causal: the lower triangle with the diagonal),
-    over all batches and heads. density_per_head: float32 [batch, heads] on the CPU.
+    over all batches and heads; NaN for an empty batch (no blocks: 0 / 0, as ``torch.empty(0).mean()``).
+    density_per_head: float32 [batch, heads] on the CPU.
     Times in milliseconds, measured with CUDA events on a GPU (one synchronisation per call) or the
     wall clock on a CPU. At threshold 1.0 the estimate is skipped and its time is only that of listing
     every block.
@@ -75,8 +78,10 @@ def _sparse_attention(backend: str) -> Callable[..., torch.Tensor]:
     if backend == "triton":
         from ..kernels.block_sparse_attention import block_sparse_attention_triton
 
-        def run(q, k, v, sel: BlockSelection, **kw):
-            return block_sparse_attention_triton(q, k, v, sel.kv_count, sel.kv_indices, **kw)
+        def run(q, k, v, sel: BlockSelection, *, out=None, **kw):
+            if out is not None and out.stride(-1) != 1:  # the kernel stores rows of head_dim contiguously
+                return out.copy_(block_sparse_attention_triton(q, k, v, sel.kv_count, sel.kv_indices, **kw))
+            return block_sparse_attention_triton(q, k, v, sel.kv_count, sel.kv_indices, out=out, **kw)
 
         return run
     if backend == "flex":
@@ -130,7 +135,7 @@ class PendingStats:
         kept_per_head = self.kept_per_head.cpu()
         kept = int(kept_per_head.sum())
         return XAttnStats(
-            density=kept / self.total_blocks,
+            density=kept / self.total_blocks if self.total_blocks else math.nan,
             density_per_head=kept_per_head / self.per_head_total,
             kept_blocks=kept,
             total_blocks=self.total_blocks,
@@ -160,17 +165,22 @@ def xattn_attention(
     q [batch, heads, Nq, head_dim], k/v [batch, kv_heads, Nk, head_dim] (SDPA layout; heads a multiple of
     kv_heads), any token count, bfloat16/float16/float32. ``scale`` defaults to 1/sqrt(head_dim) and also
     scales the estimate's logits. ``estimate_fp8`` scores blocks on float8 e4m3 copies of q and k (about
-    twice as fast on Hopper; see :class:`XAttnConfig`). ``out`` (q's shape, dtype and device, any strides with
-    a contiguous last dim) receives the result in place (the Triton backend writes it directly). Returns the
-    output in q's shape and dtype, and with ``return_stats`` an :class:`XAttnStats`. ``threshold=1.0`` keeps
-    every block and equals ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)`` up
-    to rounding.
+    twice as fast on Hopper; see :class:`XAttnConfig`). ``out`` (q's shape, dtype and device, any strides)
+    receives the result in place (the Triton backend writes it directly when its last dim is contiguous, and
+    through a temporary otherwise). Returns the output in q's shape and dtype, and with ``return_stats`` an
+    :class:`XAttnStats`. ``threshold=1.0`` keeps every block and equals
+    ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)`` up to rounding. A batch of
+    0 returns an empty output, as SDPA does.
+
+    Under ``torch.autocast`` q, k and v are cast to the autocast dtype of their device first, as SDPA's
+    autocast rule does (so float32 q/k from an RMS norm beside bfloat16 v work), and the output has that dtype.
 
     Backends: "triton" (this project's kernels; CUDA), "flex" (FlexAttention with a BlockMask), "torch"
     (reference, any device), "auto" (triton on CUDA, torch elsewhere). Asking for a backend that cannot
     run on the inputs' device raises instead of switching. NaN or Inf in q or k raise a ValueError (the
     estimate is undefined); NaN in v propagates to the rows that attend to it, as in SDPA.
     """
+    q, k, v = autocast_inputs(q, k, v)
     config = checked_config(q, k, v, XAttnConfig(threshold, stride, block_size, causal, backend, estimate_fp8))
     result, pending = run_xattn(q, k, v, config, scale=scale, out=out, timed=return_stats)
     return (result, pending.resolve()) if return_stats else result
@@ -194,8 +204,11 @@ def run_xattn(
     timer = _Timer(q.device, enabled=timed)
     selection = estimate_blocks(q, k, config, scale=scale)
     timer.mark()
-    attend = _sparse_attention(config.backend)
-    result = attend(q, k, v, selection, block_size=config.block_size, causal=config.causal, scale=scale, out=out)
+    if q.shape[0] == 0:  # an empty batch: nothing to attend, as SDPA returns an empty tensor
+        result = q.new_empty(q.shape) if out is None else out
+    else:
+        attend = _sparse_attention(config.backend)
+        result = attend(q, k, v, selection, block_size=config.block_size, causal=config.causal, scale=scale, out=out)
     timer.mark()
     if not timed:
         return result, None
@@ -207,8 +220,8 @@ def run_xattn(
 def _check_out(out: torch.Tensor, q: torch.Tensor) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
         raise ValueError(
-            f"out must have q's shape {tuple(q.shape)}, dtype {q.dtype} and device {q.device} with a contiguous "
-            f"last dim; got shape {tuple(out.shape)}, {out.dtype} on {out.device}, strides {out.stride()}"
+            f"out must have q's shape {tuple(q.shape)}, dtype {q.dtype} and device {q.device} (any strides); "
+            f"got shape {tuple(out.shape)}, {out.dtype} on {out.device}"
         )

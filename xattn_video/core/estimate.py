@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from .config import XAttnConfig
-from .inputs import check_qkv, resolve_backend
+from .inputs import autocast_inputs, check_qkv, resolve_backend
 from .reference import block_scores_torch, fp8_roundtrip, select_blocks_torch
 
 
@@ -51,7 +51,7 @@ def estimate_blocks(
     The Triton estimate serves the ``triton`` backend and ``flex`` on CUDA; ``torch`` everywhere else. Both
     compute the same function (the Triton kernels are tested against the torch reference).
     """
-    if config.threshold >= 1.0:
+    if config.threshold >= 1.0 or q.shape[0] == 0:  # every block; for an empty batch, empty tensors
         return all_blocks(q, k.shape[2], block_size=config.block_size, causal=config.causal)
     use_triton = config.backend == "triton" or (config.backend == "flex" and q.is_cuda)
     if use_triton:
@@ -102,8 +102,10 @@ def estimate_block_mask(
     algorithm: antidiagonal scores with stride ``stride``, softmax over valid keys, per-row selection of
     the smallest set of blocks whose score mass reaches ``threshold`` (the crossing block kept; ties with
     it kept; causal: diagonal and first block always kept). ``threshold=1.0`` keeps every block.
-    ``estimate_fp8`` scores on float8 e4m3 copies of q and k (see :class:`XAttnConfig`).
+    ``estimate_fp8`` scores on float8 e4m3 copies of q and k (see :class:`XAttnConfig`). A batch of 0 gives
+    an empty mask; under ``torch.autocast`` q and k are cast as :func:`xattn_attention` casts them.
     """
+    q, k, _ = autocast_inputs(q, k, None)
     config = checked_config(q, k, None, XAttnConfig(threshold, stride, block_size, causal, backend, estimate_fp8))
     return estimate_blocks(q, k, config, scale=scale).mask
 

@@ -10,6 +10,28 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
+def autocast_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """q, k, v cast to the autocast dtype of q's device when ``torch.autocast`` is on there, else unchanged.
+
+    SDPA is on autocast's lower-precision list: under ``torch.autocast("cuda", torch.bfloat16)`` it runs in
+    bfloat16 whatever its inputs' floating dtypes (e.g. float32 q/k from an RMS norm beside bfloat16 v). The
+    XAttention entry points follow the same rule so that they stay drop-ins for it.
+    """
+    if not all(isinstance(t, torch.Tensor) for t in (q, k)):
+        return q, k, v  # check_qkv names the bad argument
+    device_type = q.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    return cast(q), cast(k), cast(v)
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, *, causal: bool) -> None:
     """Validate SDPA-layout tensors: q [B, H, Nq, D], k/v [B, Hkv, Nk, D] with H % Hkv == 0."""
     named = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}

@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from ..core.attention import PendingStats, XAttnStats, _per_head_total, _sparse_attention, _Timer
 from ..core.config import XAttnConfig
 from ..core.estimate import BlockSelection, append_dense_rows, checked_config, estimate_blocks
+from ..core.inputs import autocast_inputs
 from ..core.token_order import TokenOrder, check_tile, check_token_order, default_tile, grid_from_latents, tiled_order
 from .stats import StepStats, write_json_atomic
 from .stats import blocks as _blocks
@@ -294,7 +295,9 @@ class XAttnProcessor:
         if lengths is False:  # a mask that is not a key-padding prefix: stock masked attention
             out_bnhd, mode, kept, total, est, att, timers = self._stock_attention(query, key, value, attention_mask)
         else:
-            q, k, v = (t.permute(0, 2, 1, 3) for t in (query, key, value))  # [B, H, N, D], as diffusers' SDPA
+            # [B, H, N, D], as diffusers' SDPA; under torch.autocast in its dtype, as SDPA casts (the RMS-normed
+            # q/k come out float32 beside a bfloat16 v); the output goes back to query's dtype below, as stock
+            q, k, v = (t.permute(0, 2, 1, 3) for t in autocast_inputs(query, key, value))
             out, mode, kept, total, est, att, timers = self._attend(q, k, v, lengths, dense)
             out_bnhd = out.permute(0, 2, 1, 3)
         self._record(position, layer, mode, kept, total, est, att, timers)
