@@ -69,6 +69,8 @@ from .generate_plan import (
     resolve_prompts,
     shard,
 )
+from .preflight import check_backends_on_device, check_device_for_model, check_model_source, check_output_dir
+from .safe_io import FileLock, clear_stale_temporaries, describe_owner, is_disk_full, one_line
 
 HELP = "batch video generation from a YAML config (dense and XAttention variants side by side)"
 SIDECAR_SCHEMA = 1
@@ -97,8 +99,10 @@ def resolve_device(spec: str, local_rank: int, cpu_offload: bool) -> str:
     return device
 
 
-def load_pipeline(model: ModelConfig, device: str) -> Any:
-    """Load the HunyuanVideo pipeline (or build the tiny one) and apply the memory options."""
+def load_pipeline(model: ModelConfig, device: str, hub: dict | None = None) -> Any:
+    """Load the HunyuanVideo pipeline (or build the tiny one) and apply the memory options. ``hub``: extra
+    ``from_pretrained`` arguments from :func:`~xattn_video.pipelines.preflight.check_model_source` (which
+    callers run first); a loading error becomes a one-line ConfigError."""
     import torch
 
     dtype = getattr(torch, model.dtype)
@@ -113,11 +117,16 @@ def load_pipeline(model: ModelConfig, device: str) -> Any:
         from diffusers import HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
 
         extra = {}
-        if transformer_dtype != dtype:
-            extra["transformer"] = HunyuanVideoTransformer3DModel.from_pretrained(
-                model.id, subfolder="transformer", torch_dtype=transformer_dtype, revision=model.revision
-            )
-        pipe = HunyuanVideoPipeline.from_pretrained(model.id, torch_dtype=dtype, revision=model.revision, **extra)
+        hub = hub or {}
+        try:
+            if transformer_dtype != dtype:
+                extra["transformer"] = HunyuanVideoTransformer3DModel.from_pretrained(
+                    model.id, subfolder="transformer", torch_dtype=transformer_dtype, revision=model.revision, **hub
+                )
+            pipe = HunyuanVideoPipeline.from_pretrained(model.id, torch_dtype=dtype, revision=model.revision,
+                                                        **extra, **hub)
+        except (OSError, ValueError) as e:  # diffusers' messages for missing files, bad folders, bad configs
+            raise ConfigError(f"model.id = {model.id!r}: the pipeline could not be loaded: {one_line(e)}") from None
     if model.vae_tiling:
         pipe.vae.enable_tiling()
     if model.cpu_offload:
@@ -447,6 +456,8 @@ class RunResult:
     skipped: list[str]
     run_total: int = 0  # videos of the whole run, all processes
     run_finished: int = 0  # of those, finished on disk when this process ended
+    elsewhere: list[str] = field(default_factory=list)  # made meanwhile by another process on the same folder
+    stopped: str | None = None  # why the run stopped before its end (a full disk)
 
     @property
     def ok(self) -> bool:
@@ -540,6 +551,7 @@ def run_generate(
     jobs = plan_jobs(cfg, prompts)
     mine = shard(jobs, rank, world_size)
     layout = Layout(cfg.output.root)
+    check_output_dir(layout.root, "output.root")
     tallies = {v.name: VariantTally(v) for v in cfg.variants}
     states = {job: job_state(job, layout, cfg.output.keep_latents) for job in mine}
     todo = [job for job in mine if states[job] != "done"]
@@ -556,25 +568,39 @@ def run_generate(
             tallies[job.variant.name].skipped += 1
             tallies[job.variant.name].add(read_sidecar(layout.sidecar(job)) or {})
             result.skipped.append(job.label)
+    hub: dict = {}
+    if todo:  # everything the model load and the videos need, checked before any work
+        if pipeline is None:
+            device = resolve_device(cfg.model.device, local_rank, cfg.model.cpu_offload)
+            check_device_for_model(cfg.model.device, device, cfg.model.id)
+        else:
+            device = str(getattr(pipeline, "_execution_device", "cpu"))
+        check_backends_on_device(cfg.variants, device)
+        if pipeline is None and cfg.model.id != "tiny":
+            hub = check_model_source(cfg.model.id, cfg.model.revision, log=log)
     if dry_run:
         for job in todo:
             log(f"  would make {job.label}.mp4  ({job.prompt!r}, seed {job.seed})")
         return _count_finished(result, jobs, layout, cfg)
+    cleared = clear_stale_temporaries(layout.root)
+    if cleared:
+        log(f"removed {len(cleared)} temporary files that dead runs left under {layout.root}")
     if rank == 0:
         from xattn_video.pipelines.video_io import write_text_atomic
 
-        write_text_atomic(layout.config, to_yaml(cfg), tmp_dir=layout.partial)
+        try:
+            write_text_atomic(layout.config, to_yaml(cfg), tmp_dir=layout.partial)
+        except OSError as e:
+            raise ConfigError(f"output.root = {cfg.output.root!r}: writing {layout.config.name} failed "
+                              f"({one_line(e)})") from None
     if not todo:
         return _count_finished(result, jobs, layout, cfg)
 
-    device = resolve_device(cfg.model.device, local_rank, cfg.model.cpu_offload)
     if pipeline is None:
         log(f"loading {cfg.model.id} on {device} ...")
         t0 = time.perf_counter()
-        pipeline = load_pipeline(cfg.model, device)
+        pipeline = load_pipeline(cfg.model, device, hub)
         log(f"loaded in {time.perf_counter() - t0:.1f} s")
-    else:
-        device = str(getattr(pipeline, "_execution_device", device))
     _make_all(pipeline, todo, cfg, layout, result, log=log, device=device)
     return _count_finished(result, jobs, layout, cfg)
 
@@ -594,39 +620,111 @@ def _make_all(pipe: Any, todo: list[VideoJob], cfg: GenerateConfig, layout: Layo
     step_bars = show and result.world_size == 1
     bar = tqdm(total=len(todo), desc="videos", unit="video", disable=not show, dynamic_ncols=True,
                position=result.rank if result.world_size > 1 else 0)
-    current: Variant | None = None
-    proc = None
+    state = _MakeState(pipe, cfg, layout, result, log, device, versions, step_bars, len(todo))
+    busy: list[tuple[int, VideoJob, FileLock]] = []
     try:
         for n, job in enumerate(todo, 1):
-            tally = result.tallies[job.variant.name]
-            pipe.set_progress_bar_config(disable=not step_bars, leave=False, desc="steps", dynamic_ncols=True)
-            try:
-                if job.variant != current:
-                    proc = apply_variant(pipe, job.variant, cfg.video.steps)
-                    current = job.variant
-                gen = generate_video(pipe, proc, job, cfg, device)
-                sidecar = save_outputs(job, cfg, gen, layout, device=device, rank=result.rank,
-                                       world_size=result.world_size, versions=versions)
-            except Exception as e:  # one failed video must not stop the batch
-                error = f"{type(e).__name__}: {e}"
-                tally.failed += 1
-                trace = "" if error in {err for _, err in result.failures} else "\n" + traceback.format_exc()
-                result.failures.append((job.label, error))
-                log(f"[{n}/{len(todo)}] FAILED {job.label}: {error}{trace}")
-                append_manifest(layout.manifest, _manifest_record(job, layout, result, "failed", error=error))
-                current = None  # the processor may be half set: apply it again
-                _free_cuda(device)
-            else:
-                tally.made += 1
-                tally.add(sidecar)
-                result.made.append(job.label)
-                density = (gen.attention or {}).get("density")
-                log(f"[{n}/{len(todo)}] {job.label}.mp4  {gen.timing['total_s']:.1f} s"
-                    + (f"  density {density:.3f}" if density is not None else ""))
-                append_manifest(layout.manifest, _manifest_record(job, layout, result, "ok", sidecar=sidecar))
+            lock = FileLock(layout.lock(job), job.label)
+            owner = state.try_lock(lock)
+            if owner is not None:  # another generate on this folder is making it: leave it, come back at the end
+                if not busy:
+                    log(f"another generate ({describe_owner(owner)}) is making videos under {layout.root}: this "
+                        "process leaves each video it holds to it, makes the others, and then waits for those")
+                busy.append((n, job, lock))
+                continue
+            state.make(n, job, lock)
+            bar.update(1)
+            if result.stopped:
+                break
+        for n, job, lock in busy:  # wait for the other process; make the video here if it did not
+            if result.stopped:
+                break
+            state.try_lock(lock, wait=True)
+            state.make(n, job, lock)
             bar.update(1)
     finally:
         bar.close()
+    if result.stopped:
+        left = len(todo) - len(result.made) - len(result.elsewhere) - sum(t.failed for t in result.tallies.values())
+        log(f"stopped: {result.stopped}; {left} videos not attempted (finished ones are kept: free space and "
+            "rerun to make the rest)")
+    if result.elsewhere:
+        log(f"{len(result.elsewhere)} videos were made meanwhile by another process on this folder")
+
+
+class _MakeState:
+    """The loop state of :func:`_make_all`: the processor of the current variant, and how one job is made."""
+
+    def __init__(self, pipe: Any, cfg: GenerateConfig, layout: Layout, result: RunResult,
+                 log: Callable[[str], None], device: str, versions: dict, step_bars: bool, total: int):
+        self.pipe, self.cfg, self.layout, self.result, self.log = pipe, cfg, layout, result, log
+        self.device, self.versions, self.step_bars, self.total = device, versions, step_bars, total
+        self.current: Variant | None = None
+        self.proc = None
+        self.unlocked = False  # the filesystem has no locks: go on without them (said once)
+
+    def try_lock(self, lock: FileLock, wait: bool = False) -> dict | None:
+        """None when this process may make the video (lock held, or locks unsupported), else the owner."""
+        if self.unlocked:
+            return None
+        try:
+            return lock.acquire(wait=wait)
+        except OSError as e:
+            self.unlocked = True
+            self.log(f"cannot lock files under {self.layout.root} ({one_line(e)}): going on without locks, so two "
+                     "generate runs on this folder would both make every video")
+            return None
+
+    def make(self, n: int, job: VideoJob, lock: FileLock) -> None:
+        """Make one video (its lock held), unless another process finished it meanwhile; record the outcome."""
+        try:
+            if job_state(job, self.layout, self.cfg.output.keep_latents) == "done":
+                self.result.elsewhere.append(job.label)
+                self.result.tallies[job.variant.name].skipped += 1
+                self.log(f"[{n}/{self.total}] {job.label}.mp4 made meanwhile by another process")
+                return
+            self._make(n, job)
+        finally:
+            lock.release()
+
+    def _make(self, n: int, job: VideoJob) -> None:
+        result, layout, log = self.result, self.layout, self.log
+        tally = result.tallies[job.variant.name]
+        self.pipe.set_progress_bar_config(disable=not self.step_bars, leave=False, desc="steps", dynamic_ncols=True)
+        try:
+            if job.variant != self.current:
+                self.proc = apply_variant(self.pipe, job.variant, self.cfg.video.steps)
+                self.current = job.variant
+            gen = generate_video(self.pipe, self.proc, job, self.cfg, self.device)
+            sidecar = save_outputs(job, self.cfg, gen, layout, device=self.device, rank=result.rank,
+                                   world_size=result.world_size, versions=self.versions)
+        except Exception as e:  # one failed video must not stop the batch (a full disk does: see below)
+            error = one_line(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+            tally.failed += 1
+            known = error in {err for _, err in result.failures} or isinstance(e, OSError)
+            trace = "" if known else "\n" + traceback.format_exc()
+            result.failures.append((job.label, error))
+            log(f"[{n}/{self.total}] FAILED {job.label}: {error}{trace}")
+            self._manifest(_manifest_record(job, layout, result, "failed", error=error))
+            self.current = None  # the processor may be half set: apply it again
+            _free_cuda(self.device)
+            if is_disk_full(e):
+                result.stopped = f"the disk under {layout.root} is full ({error})"
+        else:
+            tally.made += 1
+            tally.add(sidecar)
+            result.made.append(job.label)
+            density = (gen.attention or {}).get("density")
+            log(f"[{n}/{self.total}] {job.label}.mp4  {gen.timing['total_s']:.1f} s"
+                + (f"  density {density:.3f}" if density is not None else ""))
+            self._manifest(_manifest_record(job, layout, result, "ok", sidecar=sidecar))
+
+    def _manifest(self, record: dict) -> None:
+        try:
+            append_manifest(self.layout.manifest, record)
+        except OSError as e:  # the record is lost, the run is not
+            self.log(f"could not append to {self.layout.manifest} ({one_line(e)}): {record['status']} "
+                     f"{record['variant']}/{record['name']} is not recorded there")
 
 
 def _manifest_record(job: VideoJob, layout: Layout, result: RunResult, status: str, *,

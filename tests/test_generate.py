@@ -198,7 +198,7 @@ def test_failed_video_is_reported_and_the_run_goes_on(tmp_path, pipe, monkeypatc
         return real(pipe_, proc, job, cfg, device)
 
     monkeypatch.setattr(generate, "generate_video", flaky)
-    monkeypatch.setattr(generate, "load_pipeline", lambda model, device: pipe)
+    monkeypatch.setattr(generate, "load_pipeline", lambda model, device, hub=None: pipe)
     assert cli.main(["generate", *overrides]) == 1
     captured = capsys.readouterr()
     assert captured.err.count("FAILED dense/0001_broken") >= 1 and "simulated" in captured.err
