@@ -17,9 +17,12 @@ from .generate_config import MAX_NAME_BYTES, ConfigError, GenerateConfig, Varian
 # ------------------------------------------------------------------------------------------------- prompts
 
 
-def read_prompt_file(path: str | os.PathLike) -> list[str]:
-    """A prompt file: one prompt a line; blank lines and lines starting with ``#`` are skipped."""
-    lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+def read_prompt_file(path: str | os.PathLike, key: str = "prompts.file") -> list[str]:
+    """A prompt file: one prompt a line; blank lines and lines starting with ``#`` are skipped. A file that
+    cannot be read or is not UTF-8 is a one-line ConfigError naming ``key``."""
+    from .preflight import read_text_file
+
+    lines = read_text_file(path, key).splitlines()
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -29,13 +32,20 @@ def read_vbench_prompts(path: str | os.PathLike) -> list[str]:
     prompt, so a repeated prompt would be the same files."""
     path = Path(path).expanduser()
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        from .preflight import read_text_file
+
+        try:
+            data = json.loads(read_text_file(path, "prompts.vbench_file"))
+        except ValueError as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"prompts.vbench_file = {str(path)!r} is not allowed: not valid JSON ({e})") from None
         if not isinstance(data, list) or not all(isinstance(d, dict) and "prompt_en" in d for d in data):
             raise ConfigError(f"prompts.vbench_file = {str(path)!r} is not allowed: a VBench json is a list of "
                               '{"prompt_en": ...} entries')
         prompts = [str(d["prompt_en"]).strip() for d in data]
     else:
-        prompts = read_prompt_file(path)  # VBench's own files hold no blank or "#" lines
+        prompts = read_prompt_file(path, "prompts.vbench_file")  # VBench's own files hold no blank or "#" lines
     return list(dict.fromkeys(prompts))
 
 

@@ -167,14 +167,31 @@ def _hub_probe(model_id: str, revision: str | None) -> str | None:
 # -------------------------------------------------------------------------------------------------- device
 
 
+CPU_AUTO_LIMIT_BYTES = 2 << 30  # a local model folder with less weight than this may run on the CPU by default
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+
+
+def weights_bytes(model_id: str) -> int | None:
+    """Total size of the weight files of a local model folder; None for a hub id (unknown without loading)."""
+    folder = Path(model_id).expanduser()
+    if not folder.is_dir():
+        return None
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+
+
 def check_device_for_model(spec: str, device: str, model_id: str, key: str = "model.device") -> None:
     """A full-size model may load onto the CPU only when asked for by name: ``model.device = auto`` on a
-    machine without CUDA would otherwise start moving tens of GB of weights into host memory."""
-    if spec == "auto" and device == "cpu" and model_id != "tiny":
-        raise ConfigError(f"{key} = 'auto' is not allowed here: no CUDA device is visible, and model.id = "
-                          f"{model_id!r} is a full-size model (its weights would load onto the CPU, which needs "
-                          f"their whole size in host memory and hours a video); set {key}=cpu to run it there "
-                          "anyway, or run on a machine with a GPU")
+    machine without CUDA would otherwise start moving tens of GB of weights into host memory. The tiny
+    builtin model and local folders under :data:`CPU_AUTO_LIMIT_BYTES` of weights pass."""
+    if spec != "auto" or device != "cpu" or model_id == "tiny":
+        return
+    size = weights_bytes(model_id)
+    if size is not None and size < CPU_AUTO_LIMIT_BYTES:
+        return
+    what = f"{size / 2**30:.1f} GiB of weights" if size is not None else "a hub model"
+    raise ConfigError(f"{key} = 'auto' is not allowed here: no CUDA device is visible, and model.id = {model_id!r} "
+                      f"is {what}, which would load onto the CPU (its whole size in host memory, and hours a "
+                      f"video); set {key}=cpu to run it there anyway, or run on a machine with a GPU")
 
 
 def check_backends_on_device(variants: Iterable[Any], device: str, key: str = "attention") -> None:
@@ -199,4 +216,5 @@ __all__ = [
     "check_output_dir",
     "looks_like_path",
     "read_text_file",
+    "weights_bytes",
 ]

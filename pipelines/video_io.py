@@ -181,15 +181,35 @@ def _encode_h264(out: Path, arr: np.ndarray, fps: float, crf: int, final: Path) 
     raise EncoderError(code, reason) if code is not None else EncoderError(reason)
 
 
+class VideoReadError(ValueError):
+    """A video file cannot be decoded; the message is one line: the file and ffmpeg's own reasons."""
+
+
+def _read_error(path: str | os.PathLike, error: Exception) -> VideoReadError:
+    """One line from imageio's error, which carries ffmpeg's whole banner: its first line, then the lines
+    where ffmpeg says what is wrong ("[in#0 @ 0x..] moov atom not found" -> "moov atom not found")."""
+    import re
+
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = lines[0] if lines else type(error).__name__
+    causes = list(dict.fromkeys(m.group(1) for line in lines[1:] if (m := re.match(r"^\[[^\]]*\]\s*(.+)$", line))))
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        causes.insert(0, "the file is empty (0 bytes)")
+    return VideoReadError(f"{path} cannot be decoded: {first}" + (f" ({'; '.join(causes[:3])})" if causes else ""))
+
+
 def read_video(path: str | os.PathLike) -> np.ndarray:
-    """Decode an mp4 into uint8 frames [T, H, W, 3]."""
+    """Decode an mp4 into uint8 frames [T, H, W, 3]; VideoReadError (one line) when it cannot be decoded."""
     import imageio.v2 as imageio
 
-    reader = imageio.get_reader(Path(path), format="FFMPEG")
     try:
-        frames = [np.asarray(frame) for frame in reader]
-    finally:
-        reader.close()
+        reader = imageio.get_reader(Path(path), format="FFMPEG")
+        try:
+            frames = [np.asarray(frame) for frame in reader]
+        finally:
+            reader.close()
+    except (OSError, RuntimeError, ValueError) as e:  # imageio raises these with ffmpeg's banner inside
+        raise _read_error(path, e) from None
     if not frames:
         raise ValueError(f"{path}: no frames could be decoded")
     return np.stack(frames)
@@ -209,6 +229,7 @@ def video_info(path: str | os.PathLike) -> dict:
 
 __all__ = [
     "EncoderError",
+    "VideoReadError",
     "atomic_path",
     "ffmpeg_exe",
     "read_video",
