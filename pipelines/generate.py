@@ -557,6 +557,16 @@ def run_generate(
     todo = [job for job in mine if states[job] != "done"]
     for job in mine:
         tallies[job.variant.name].planned += 1
+    hub: dict = {}
+    if todo:  # everything the model load and the videos need, checked before any work
+        if pipeline is None:
+            device = resolve_device(cfg.model.device, local_rank, cfg.model.cpu_offload)
+            check_device_for_model(cfg.model.device, device, cfg.model.id)
+        else:
+            device = str(getattr(pipeline, "_execution_device", "cpu"))
+        check_backends_on_device(cfg.variants, device)
+        if pipeline is None and cfg.model.id != "tiny":
+            hub = check_model_source(cfg.model.id, cfg.model.revision, log=log)
     n_stale = sum(1 for s in states.values() if s == "stale")
     log(f"{len(prompts)} prompts x {len(cfg.seeds)} seeds x {cfg.videos_per_prompt} videos x "
         f"{len(cfg.variants)} variants = {len(jobs)} videos under {layout.root}; this process: {len(mine)}, "
@@ -568,16 +578,6 @@ def run_generate(
             tallies[job.variant.name].skipped += 1
             tallies[job.variant.name].add(read_sidecar(layout.sidecar(job)) or {})
             result.skipped.append(job.label)
-    hub: dict = {}
-    if todo:  # everything the model load and the videos need, checked before any work
-        if pipeline is None:
-            device = resolve_device(cfg.model.device, local_rank, cfg.model.cpu_offload)
-            check_device_for_model(cfg.model.device, device, cfg.model.id)
-        else:
-            device = str(getattr(pipeline, "_execution_device", "cpu"))
-        check_backends_on_device(cfg.variants, device)
-        if pipeline is None and cfg.model.id != "tiny":
-            hub = check_model_source(cfg.model.id, cfg.model.revision, log=log)
     if dry_run:
         for job in todo:
             log(f"  would make {job.label}.mp4  ({job.prompt!r}, seed {job.seed})")
