@@ -558,7 +558,7 @@ def run_generate(
     for job in mine:
         tallies[job.variant.name].planned += 1
     hub: dict = {}
-    if todo:  # everything the model load and the videos need, checked before any work
+    if todo and not dry_run:  # everything the model load and the videos need, checked before any work
         if pipeline is None:
             device = resolve_device(cfg.model.device, local_rank, cfg.model.cpu_offload)
             check_device_for_model(cfg.model.device, device, cfg.model.id)

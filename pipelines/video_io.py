@@ -195,7 +195,7 @@ def _read_error(path: str | os.PathLike, error: Exception) -> VideoReadError:
     causes = list(dict.fromkeys(m.group(1) for line in lines[1:] if (m := re.match(r"^\[[^\]]*\]\s*(.+)$", line))))
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         causes.insert(0, "the file is empty (0 bytes)")
-    return VideoReadError(f"{path} cannot be decoded: {first}" + (f" ({'; '.join(causes[:3])})" if causes else ""))
+    return VideoReadError(f"{path} cannot be read: {first}" + (f" ({'; '.join(causes[:3])})" if causes else ""))
 
 
 def read_video(path: str | os.PathLike) -> np.ndarray:

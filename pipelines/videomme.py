@@ -284,7 +284,7 @@ def run_videomme(cfg: VideoMMEConfig, *, dry_run: bool = False) -> RunResult:
         result.answered[v.name] = 0
         result.failed[v.name] = []
     device = None
-    if todo:  # the device, the backends and the model, checked before anything is written or loaded
+    if todo and not dry_run:  # the device, the backends and the model, checked before anything is written or loaded
         device = resolve_device(cfg.model["device"])
         preflight.check_device_for_model(cfg.model["device"], device, cfg.model["id"])
         preflight.check_backends_on_device(cfg.variants, device)

@@ -289,7 +289,7 @@ def test_a_failed_quality_pair_is_one_line_said_once(tmp_path, capsys):
     captured = capsys.readouterr()
     failed = [line for line in (captured.err + captured.out).splitlines() if "xattn/bad" in line]
     assert len(failed) == 1, failed
-    assert failed[0].startswith(f"FAILED xattn/bad: VideoReadError: {broken} cannot be decoded: ")
+    assert failed[0].startswith(f"FAILED xattn/bad: VideoReadError: {broken} cannot be read: ")
     assert "ffmpeg version" not in captured.err + captured.out
     report = json.loads((tmp_path / "run" / "quality" / "quality.json").read_text())
     assert "\n" not in report["candidates"]["xattn"]["videos"]["bad"]["error"]
