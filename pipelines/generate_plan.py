@@ -4,6 +4,7 @@ layout, whether a job's video is already made, and the JSONL manifest."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -218,11 +219,20 @@ def job_state(job: VideoJob, layout: Layout, keep_latents: bool) -> str:
 
 
 def append_manifest(path: Path, record: dict) -> None:
-    """Append one JSON line with a single O_APPEND write, so that concurrent processes never interleave."""
+    """Append one JSON line with a single O_APPEND write, so that concurrent processes never interleave.
+
+    A line that an earlier writer left cut short (killed, disk full) is ended first, so that it never swallows
+    this record; a write that the disk cuts short raises OSError (ENOSPC) instead of passing silently.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        written = os.write(fd, line)
+        if written != len(line):
+            raise OSError(errno.ENOSPC, f"only {written} of {len(line)} bytes of a record could be appended", str(path))
     finally:
         os.close(fd)

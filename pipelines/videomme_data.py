@@ -15,6 +15,7 @@ without subtitles, and its record says why).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -279,7 +280,7 @@ def write_synthetic_videomme(folder: str | os.PathLike, *, n_videos: int = 3, qu
     """
     import numpy as np
 
-    from xattn_video.pipelines.video_io import write_video
+    from xattn_video.pipelines.video_io import atomic_path, write_text_atomic, write_video
 
     folder = Path(folder)
     rng = np.random.default_rng(seed)
@@ -296,8 +297,7 @@ def write_synthetic_videomme(folder: str | os.PathLike, *, n_videos: int = 3, qu
         write_video(folder / "data" / f"{video}.mp4", frames, fps=fps)
         srt = "".join(f"{i + 1}\n00:00:{2 * i:02d},000 --> 00:00:{2 * i + 1:02d},500\nline {i} of {video}\n\n"
                       for i in range(int(seconds // 2)))
-        (folder / "subtitle").mkdir(parents=True, exist_ok=True)
-        (folder / "subtitle" / f"{video}.srt").write_text(srt, encoding="utf-8")
+        write_text_atomic(folder / "subtitle" / f"{video}.srt", srt, tmp_dir=folder / ".partial")
         for q in range(questions_per_video):
             answer = "ABCD"[int(rng.integers(0, 4))]
             rows.append({
@@ -307,23 +307,25 @@ def write_synthetic_videomme(folder: str | os.PathLike, *, n_videos: int = 3, qu
                 "question": f"What colour is square number {q}?",
                 "options": [f"{letter}. colour {k}" for k, letter in enumerate("ABCD")], "answer": answer,
             })
-    table = folder / "videomme" / f"test.{fmt}"
-    table.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(rows), table)
-    elif fmt == "jsonl":
-        table.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    elif fmt == "json":
-        table.write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    elif fmt == "csv":
-        with table.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({**r, "options": json.dumps(r["options"])})
-    else:
+    if fmt not in ("parquet", "jsonl", "json", "csv"):
         raise ValueError(f"fmt must be one of parquet, jsonl, json, csv; got {fmt!r}")
+    # the table last and atomically: a set whose table is there is whole (the tiny default reuses it)
+    with atomic_path(folder / "videomme" / f"test.{fmt}", tmp_dir=folder / ".partial") as table:
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), table)
+        elif fmt == "jsonl":
+            table.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        elif fmt == "json":
+            table.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+        else:
+            with table.open("w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                for r in rows:
+                    writer.writerow({**r, "options": json.dumps(r["options"])})
+    with contextlib.suppress(OSError):
+        (folder / ".partial").rmdir()
     return folder

@@ -294,3 +294,24 @@ def test_a_failed_quality_pair_is_one_line_said_once(tmp_path, capsys):
     report = json.loads((tmp_path / "run" / "quality" / "quality.json").read_text())
     assert "\n" not in report["candidates"]["xattn"]["videos"]["bad"]["error"]
 
+
+
+@pytest.mark.parametrize("error, expected", [
+    ("RepositoryNotFoundError", "the hub has no repo org/typo (or it is private: log in with `hf auth login`)"),
+    ("RevisionNotFoundError", "the hub has no revision 'v9' of org/typo (model.revision)"),
+])
+def test_a_model_the_hub_does_not_have(monkeypatch, error, expected):
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as hub_errors
+
+    def answer(self, repo_id, **kwargs):
+        cls = getattr(hub_errors, error)
+        err = cls.__new__(cls)  # as the hub's 404 makes it (its constructor wants a live HTTP response)
+        Exception.__init__(err, "404 Client Error")
+        raise err
+
+    monkeypatch.setattr(HfApi, "model_info", answer)
+    with pytest.raises(ValueError) as info:
+        check_model_source("org/typo", "v9")
+    assert str(info.value) == f"model.id = 'org/typo' is not allowed: {expected}" + (
+        "; a local folder must exist on disk" if error == "RepositoryNotFoundError" else "")

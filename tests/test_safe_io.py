@@ -351,3 +351,18 @@ def test_a_failing_manifest_does_not_stop_the_run(tmp_path, pipe, monkeypatch):
     result = run_generate(small_config(root, "prompts=[one]"), pipeline=pipe, log=lines.append)
     assert result.ok and len(result.made) == 2
     assert sum("could not append to" in line and "is not recorded there" in line for line in lines) == 2
+
+
+def test_the_manifest_survives_a_cut_line_and_says_when_the_disk_cuts_one(tmp_path, monkeypatch):
+    from xattn_video.pipelines import generate_plan
+
+    path = tmp_path / "manifest.jsonl"
+    generate_plan.append_manifest(path, {"n": 1})
+    with open(path, "ab") as f:
+        f.write(b'{"n": 2, "cut')  # a writer killed mid-line
+    generate_plan.append_manifest(path, {"n": 3})
+    assert path.read_text().splitlines() == ['{"n": 1}', '{"n": 2, "cut', '{"n": 3}']  # 3 is whole, on its own
+    real_write = os.write
+    monkeypatch.setattr(generate_plan.os, "write", lambda fd, data: real_write(fd, data[:5]))  # the disk fills
+    with pytest.raises(OSError, match="only 5 of"):
+        generate_plan.append_manifest(path, {"n": 4})
