@@ -36,6 +36,7 @@ process takes its own share of the videos (RANK / WORLD_SIZE), one GPU each (LOC
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import resource
 import socket
@@ -644,6 +645,8 @@ def _make_all(pipe: Any, todo: list[VideoJob], cfg: GenerateConfig, layout: Layo
             bar.update(1)
     finally:
         bar.close()
+        with contextlib.suppress(OSError):
+            layout.lock(todo[0]).parent.rmdir()  # when empty: no lock is held
     if result.stopped:
         left = len(todo) - len(result.made) - len(result.elsewhere) - sum(t.failed for t in result.tallies.values())
         log(f"stopped: {result.stopped}; {left} videos not attempted (finished ones are kept: free space and "
