@@ -20,7 +20,6 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -188,15 +187,6 @@ def describe_owner(owner: dict) -> str:
     return text + (f" (since {owner['since']})" if owner.get("since") else "")
 
 
-@contextlib.contextmanager
-def held(lock: FileLock) -> Iterator[FileLock]:
-    """Release ``lock`` (already acquired) when the block ends, however it ends."""
-    try:
-        yield lock
-    finally:
-        lock.release()
-
-
 def is_disk_full(error: BaseException) -> bool:
     """Whether ``error`` says the disk (or the quota, or the file size limit) is full: no later write to
     the same place can succeed, so a batch job should stop rather than fail every remaining item."""
@@ -219,7 +209,6 @@ __all__ = [
     "FileLock",
     "clear_stale_temporaries",
     "describe_owner",
-    "held",
     "host_name",
     "is_disk_full",
     "one_line",
