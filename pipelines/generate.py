@@ -622,27 +622,30 @@ def _make_all(pipe: Any, todo: list[VideoJob], cfg: GenerateConfig, layout: Layo
     bar = tqdm(total=len(todo), desc="videos", unit="video", disable=not show, dynamic_ncols=True,
                position=result.rank if result.world_size > 1 else 0)
     state = _MakeState(pipe, cfg, layout, result, log, device, versions, step_bars, len(todo))
-    busy: list[tuple[int, VideoJob, FileLock]] = []
+    # one lock per video with all its variants, so that its dense and XAttention versions are made (and
+    # timed) by the same process, as shard() does for ranks
+    units: dict[str, list[tuple[int, VideoJob]]] = {}
+    for n, job in enumerate(todo, 1):
+        units.setdefault(job.name, []).append((n, job))
+    busy: list[tuple[list[tuple[int, VideoJob]], FileLock]] = []
     try:
-        for n, job in enumerate(todo, 1):
-            lock = FileLock(layout.lock(job), job.label)
+        for name, unit in units.items():
+            lock = FileLock(layout.lock(unit[0][1]), name)
             owner = state.try_lock(lock)
             if owner is not None:  # another generate on this folder is making it: leave it, come back at the end
                 if not busy:
                     log(f"another generate ({describe_owner(owner)}) is making videos under {layout.root}: this "
                         "process leaves each video it holds to it, makes the others, and then waits for those")
-                busy.append((n, job, lock))
+                busy.append((unit, lock))
                 continue
-            state.make(n, job, lock)
-            bar.update(1)
+            state.make_all(unit, lock, bar)
             if result.stopped:
                 break
-        for n, job, lock in busy:  # wait for the other process; make the video here if it did not
+        for unit, lock in busy:  # wait for the other process; make the videos here if it did not
             if result.stopped:
                 break
             state.try_lock(lock, wait=True)
-            state.make(n, job, lock)
-            bar.update(1)
+            state.make_all(unit, lock, bar)
     finally:
         bar.close()
         with contextlib.suppress(OSError):
@@ -678,15 +681,20 @@ class _MakeState:
                      "generate runs on this folder would both make every video")
             return None
 
-    def make(self, n: int, job: VideoJob, lock: FileLock) -> None:
-        """Make one video (its lock held), unless another process finished it meanwhile; record the outcome."""
+    def make_all(self, unit: list[tuple[int, VideoJob]], lock: FileLock, bar: Any) -> None:
+        """Make the variants of one video (its lock held), but none that another process finished meanwhile;
+        record each outcome; release the lock."""
         try:
-            if job_state(job, self.layout, self.cfg.output.keep_latents) == "done":
-                self.result.elsewhere.append(job.label)
-                self.result.tallies[job.variant.name].skipped += 1
-                self.log(f"[{n}/{self.total}] {job.label}.mp4 made meanwhile by another process")
-                return
-            self._make(n, job)
+            for n, job in unit:
+                if self.result.stopped:
+                    return
+                if job_state(job, self.layout, self.cfg.output.keep_latents) == "done":
+                    self.result.elsewhere.append(job.label)
+                    self.result.tallies[job.variant.name].skipped += 1
+                    self.log(f"[{n}/{self.total}] {job.label}.mp4 made meanwhile by another process")
+                else:
+                    self._make(n, job)
+                bar.update(1)
         finally:
             lock.release()
 

@@ -190,8 +190,9 @@ class Layout:
         return self.root / "meta" / job.variant.name / f"{job.name}.latents.pt"
 
     def lock(self, job: VideoJob) -> Path:
-        """The lock file a process holds while it makes the job's video (a hash: names can be long)."""
-        tag = hashlib.sha1(f"{job.variant.name}/{job.name}".encode()).hexdigest()[:16]
+        """The lock file a process holds while it makes the job's video in every variant (a hash of the name:
+        names can be long)."""
+        tag = hashlib.sha1(job.name.encode()).hexdigest()[:16]
         return self.partial / "locks" / f"{tag}.lock"
 
     def rel(self, path: Path) -> str:
