@@ -374,8 +374,10 @@ def run_attn_report(
                           f"(0..{len(prompts) - 1})")
     jobs = generate_plan.plan_jobs(cfg, prompts)
     job = next(j for j in jobs if j.variant == chosen and j.prompt_index == prompt_index)
+    from . import preflight
+    from .safe_io import clear_stale_temporaries
+
     folder = Path(output) if output is not None else Path(cfg.output.root) / "attn-report" / chosen.name
-    device = generate.resolve_device(cfg.model.device, 0, cfg.model.cpu_offload)
     family = generate_models.family_of(pipeline) if pipeline is not None else generate_models.family_of_model(cfg.model)
     if family not in REPORT_FAMILIES:
         # The per-head error needs dense attention beside each sparse call on the same q/k/v: the HunyuanVideo
@@ -384,11 +386,21 @@ def run_attn_report(
                           f"{', '.join(generate_models.FAMILY_NAMES[f] for f in REPORT_FAMILIES)} (its XAttention "
                           f"processor); {generate_models.FAMILY_NAMES[family]} runs the xattn backend, whose "
                           "density per step and layer is in generate's sidecars")
+    # everything checked before the generation: a report folder that cannot be written fails now, not after it
+    preflight.check_output_dir(folder, "--output" if output is not None else "output.root")
     if pipeline is None:
-        log(f"loading {cfg.model.id} on {device} ...")
-        pipeline = generate.load_pipeline(cfg.model, device, cfg.video)
+        device = generate.resolve_device(cfg.model.device, 0, cfg.model.cpu_offload)
+        preflight.check_device_for_model(cfg.model.device, device, cfg.model.id)
     else:
-        device = str(getattr(pipeline, "_execution_device", device))
+        device = str(getattr(pipeline, "_execution_device", "cpu"))
+    preflight.check_backends_on_device([chosen], device)
+    clear_stale_temporaries(folder)
+    if pipeline is None:
+        hub = {}
+        if cfg.model.id not in generate_models.TINY_IDS:
+            hub = preflight.check_model_source(cfg.model.id, cfg.model.revision, log=log)
+        log(f"loading {cfg.model.id} on {device} ...")
+        pipeline = generate.load_pipeline(cfg.model, device, cfg.video, hub)
     proc = ReportProcessor(threshold=chosen.threshold, stride=chosen.stride, block_size=chosen.block_size,
                            warmup_steps=chosen.warmup_steps, dense_layers=tuple(chosen.dense_layers),
                            backend=chosen.backend, probe_dense=probe_dense)

@@ -36,6 +36,7 @@ process takes its own share of the videos (RANK / WORLD_SIZE), one GPU each (LOC
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import resource
@@ -60,6 +61,7 @@ from .generate_config import (
     to_yaml,
 )
 from .generate_models import (
+    TINY_IDS,
     call_kwargs,
     check_family_settings,
     family_of,
@@ -82,6 +84,8 @@ from .generate_plan import (
     resolve_prompts,
     shard,
 )
+from .preflight import check_backends_on_device, check_device_for_model, check_model_source, check_output_dir
+from .safe_io import FileLock, clear_stale_temporaries, describe_owner, is_disk_full, one_line
 
 HELP = "batch video generation from a YAML config (dense and XAttention variants side by side)"
 SIDECAR_SCHEMA = 1
@@ -455,6 +459,8 @@ class RunResult:
     skipped: list[str]
     run_total: int = 0  # videos of the whole run, all processes
     run_finished: int = 0  # of those, finished on disk when this process ended
+    elsewhere: list[str] = field(default_factory=list)  # made meanwhile by another process on the same folder
+    stopped: str | None = None  # why the run stopped before its end (a full disk)
 
     @property
     def ok(self) -> bool:
@@ -574,11 +580,22 @@ def run_generate(
     jobs = plan_jobs(cfg, prompts)
     mine = shard(jobs, rank, world_size)
     layout = Layout(cfg.output.root)
+    check_output_dir(layout.root, "output.root")
     tallies = {v.name: VariantTally(v) for v in cfg.variants}
     states = {job: job_state(job, layout, cfg.output.keep_latents) for job in mine}
     todo = [job for job in mine if states[job] != "done"]
     for job in mine:
         tallies[job.variant.name].planned += 1
+    hub: dict = {}
+    if todo and not dry_run:  # everything the model load and the videos need, checked before any work
+        if pipeline is None:
+            device = resolve_device(cfg.model.device, local_rank, cfg.model.cpu_offload)
+            check_device_for_model(cfg.model.device, device, cfg.model.id)
+        else:
+            device = str(getattr(pipeline, "_execution_device", "cpu"))
+        check_backends_on_device(cfg.variants, device)
+        if pipeline is None and cfg.model.id not in TINY_IDS:
+            hub = check_model_source(cfg.model.id, cfg.model.revision, log=log)
     n_stale = sum(1 for s in states.values() if s == "stale")
     log(f"{len(prompts)} prompts x {len(cfg.seeds)} seeds x {cfg.videos_per_prompt} videos x "
         f"{len(cfg.variants)} variants = {len(jobs)} videos under {layout.root}; this process: {len(mine)}, "
@@ -594,19 +611,25 @@ def run_generate(
         for job in todo:
             log(f"  would make {job.label}.mp4  ({job.prompt!r}, seed {job.seed})")
         return _count_finished(result, jobs, layout, cfg)
+    cleared = clear_stale_temporaries(layout.root)
+    if cleared:
+        log(f"removed {len(cleared)} temporary files that dead runs left under {layout.root}")
     if rank == 0:
         from xattn_video.pipelines.video_io import write_text_atomic
 
-        write_text_atomic(layout.config, to_yaml(cfg), tmp_dir=layout.partial)
+        try:
+            write_text_atomic(layout.config, to_yaml(cfg), tmp_dir=layout.partial)
+        except OSError as e:
+            raise ConfigError(f"output.root = {cfg.output.root!r}: writing {layout.config.name} failed "
+                              f"({one_line(e)})") from None
     if not todo:
         return _count_finished(result, jobs, layout, cfg)
 
-    device = resolve_device(cfg.model.device, local_rank, cfg.model.cpu_offload)
     if pipeline is None:
         check_family_settings(family_of_model(cfg.model), cfg)  # before any weights load
         log(f"loading {cfg.model.id} on {device} ...")
         t0 = time.perf_counter()
-        pipeline = load_pipeline(cfg.model, device, cfg.video)
+        pipeline = load_pipeline(cfg.model, device, cfg.video, hub)
         log(f"loaded in {time.perf_counter() - t0:.1f} s")
     else:
         device = str(getattr(pipeline, "_execution_device", device))
@@ -630,39 +653,121 @@ def _make_all(pipe: Any, todo: list[VideoJob], cfg: GenerateConfig, layout: Layo
     step_bars = show and result.world_size == 1
     bar = tqdm(total=len(todo), desc="videos", unit="video", disable=not show, dynamic_ncols=True,
                position=result.rank if result.world_size > 1 else 0)
-    current: Variant | None = None
-    proc = None
+    state = _MakeState(pipe, cfg, layout, result, log, device, versions, step_bars, len(todo))
+    # one lock per video with all its variants, so that its dense and XAttention versions are made (and
+    # timed) by the same process, as shard() does for ranks
+    units: dict[str, list[tuple[int, VideoJob]]] = {}
+    for n, job in enumerate(todo, 1):
+        units.setdefault(job.name, []).append((n, job))
+    busy: list[tuple[list[tuple[int, VideoJob]], FileLock]] = []
     try:
-        for n, job in enumerate(todo, 1):
-            tally = result.tallies[job.variant.name]
-            pipe.set_progress_bar_config(disable=not step_bars, leave=False, desc="steps", dynamic_ncols=True)
-            try:
-                if job.variant != current:
-                    proc = apply_variant(pipe, job.variant, cfg.video.steps)
-                    current = job.variant
-                gen = generate_video(pipe, proc, job, cfg, device)
-                sidecar = save_outputs(job, cfg, gen, layout, device=device, rank=result.rank,
-                                       world_size=result.world_size, versions=versions)
-            except Exception as e:  # one failed video must not stop the batch
-                error = f"{type(e).__name__}: {e}"
-                tally.failed += 1
-                trace = "" if error in {err for _, err in result.failures} else "\n" + traceback.format_exc()
-                result.failures.append((job.label, error))
-                log(f"[{n}/{len(todo)}] FAILED {job.label}: {error}{trace}")
-                append_manifest(layout.manifest, _manifest_record(job, layout, result, "failed", error=error))
-                current = None  # the processor may be half set: apply it again
-                _free_cuda(device)
-            else:
-                tally.made += 1
-                tally.add(sidecar)
-                result.made.append(job.label)
-                density = (gen.attention or {}).get("density")
-                log(f"[{n}/{len(todo)}] {job.label}.mp4  {gen.timing['total_s']:.1f} s"
-                    + (f"  density {density:.3f}" if density is not None else ""))
-                append_manifest(layout.manifest, _manifest_record(job, layout, result, "ok", sidecar=sidecar))
-            bar.update(1)
+        for name, unit in units.items():
+            lock = FileLock(layout.lock(unit[0][1]), name)
+            owner = state.try_lock(lock)
+            if owner is not None:  # another generate on this folder is making it: leave it, come back at the end
+                if not busy:
+                    log(f"another generate ({describe_owner(owner)}) is making videos under {layout.root}: this "
+                        "process leaves each video it holds to it, makes the others, and then waits for those")
+                busy.append((unit, lock))
+                continue
+            state.make_all(unit, lock, bar)
+            if result.stopped:
+                break
+        for unit, lock in busy:  # wait for the other process; make the videos here if it did not
+            if result.stopped:
+                break
+            state.try_lock(lock, wait=True)
+            state.make_all(unit, lock, bar)
     finally:
         bar.close()
+        with contextlib.suppress(OSError):
+            layout.lock(todo[0]).parent.rmdir()  # when empty: no lock is held
+    if result.stopped:
+        left = len(todo) - len(result.made) - len(result.elsewhere) - sum(t.failed for t in result.tallies.values())
+        log(f"stopped: {result.stopped}; {left} videos not attempted (finished ones are kept: free space and "
+            "rerun to make the rest)")
+    if result.elsewhere:
+        log(f"{len(result.elsewhere)} videos were made meanwhile by another process on this folder")
+
+
+class _MakeState:
+    """The loop state of :func:`_make_all`: the processor of the current variant, and how one job is made."""
+
+    def __init__(self, pipe: Any, cfg: GenerateConfig, layout: Layout, result: RunResult,
+                 log: Callable[[str], None], device: str, versions: dict, step_bars: bool, total: int):
+        self.pipe, self.cfg, self.layout, self.result, self.log = pipe, cfg, layout, result, log
+        self.device, self.versions, self.step_bars, self.total = device, versions, step_bars, total
+        self.current: Variant | None = None
+        self.proc = None
+        self.unlocked = False  # the filesystem has no locks: go on without them (said once)
+
+    def try_lock(self, lock: FileLock, wait: bool = False) -> dict | None:
+        """None when this process may make the video (lock held, or locks unsupported), else the owner."""
+        if self.unlocked:
+            return None
+        try:
+            return lock.acquire(wait=wait)
+        except OSError as e:
+            self.unlocked = True
+            self.log(f"cannot lock files under {self.layout.root} ({one_line(e)}): going on without locks, so two "
+                     "generate runs on this folder would both make every video")
+            return None
+
+    def make_all(self, unit: list[tuple[int, VideoJob]], lock: FileLock, bar: Any) -> None:
+        """Make the variants of one video (its lock held), but none that another process finished meanwhile;
+        record each outcome; release the lock."""
+        try:
+            for n, job in unit:
+                if self.result.stopped:
+                    return
+                if job_state(job, self.layout, self.cfg.output.keep_latents) == "done":
+                    self.result.elsewhere.append(job.label)
+                    self.result.tallies[job.variant.name].skipped += 1
+                    self.log(f"[{n}/{self.total}] {job.label}.mp4 made meanwhile by another process")
+                else:
+                    self._make(n, job)
+                bar.update(1)
+        finally:
+            lock.release()
+
+    def _make(self, n: int, job: VideoJob) -> None:
+        result, layout, log = self.result, self.layout, self.log
+        tally = result.tallies[job.variant.name]
+        self.pipe.set_progress_bar_config(disable=not self.step_bars, leave=False, desc="steps", dynamic_ncols=True)
+        try:
+            if job.variant != self.current:
+                self.proc = apply_variant(self.pipe, job.variant, self.cfg.video.steps)
+                self.current = job.variant
+            gen = generate_video(self.pipe, self.proc, job, self.cfg, self.device)
+            sidecar = save_outputs(job, self.cfg, gen, layout, device=self.device, rank=result.rank,
+                                   world_size=result.world_size, versions=self.versions)
+        except Exception as e:  # one failed video must not stop the batch (a full disk does: see below)
+            error = one_line(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+            tally.failed += 1
+            known = error in {err for _, err in result.failures} or isinstance(e, OSError)
+            trace = "" if known else "\n" + traceback.format_exc()
+            result.failures.append((job.label, error))
+            log(f"[{n}/{self.total}] FAILED {job.label}: {error}{trace}")
+            self._manifest(_manifest_record(job, layout, result, "failed", error=error))
+            self.current = None  # the processor may be half set: apply it again
+            _free_cuda(self.device)
+            if is_disk_full(e):
+                result.stopped = f"the disk under {layout.root} is full ({error})"
+        else:
+            tally.made += 1
+            tally.add(sidecar)
+            result.made.append(job.label)
+            density = (gen.attention or {}).get("density")
+            log(f"[{n}/{self.total}] {job.label}.mp4  {gen.timing['total_s']:.1f} s"
+                + (f"  density {density:.3f}" if density is not None else ""))
+            self._manifest(_manifest_record(job, layout, result, "ok", sidecar=sidecar))
+
+    def _manifest(self, record: dict) -> None:
+        try:
+            append_manifest(self.layout.manifest, record)
+        except OSError as e:  # the record is lost, the run is not
+            self.log(f"could not append to {self.layout.manifest} ({one_line(e)}): {record['status']} "
+                     f"{record['variant']}/{record['name']} is not recorded there")
 
 
 def _manifest_record(job: VideoJob, layout: Layout, result: RunResult, status: str, *,

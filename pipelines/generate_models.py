@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .generate_config import TINY_MODEL_IDS, ConfigError, GenerateConfig, ModelConfig, VideoConfig
+from .safe_io import one_line
 
 FAMILIES = ("hunyuan", "hunyuan15", "wan21", "wan22_a14b", "wan22_ti2v")
 FAMILY_NAMES = {
@@ -131,9 +132,11 @@ def _rebuild_as(pipe: Any, cls: type) -> Any:
     return cls(**kwargs)
 
 
-def load_pipeline(model: ModelConfig, device: str, video: VideoConfig | None = None) -> Any:
+def load_pipeline(model: ModelConfig, device: str, video: VideoConfig | None = None, hub: dict | None = None) -> Any:
     """Load the configured pipeline (or build a tiny one) in its dtypes, in the class the run needs (TI2V with
-    an image: WanImageToVideoPipeline), with the scheduler's shift and the memory options applied."""
+    an image: WanImageToVideoPipeline), with the scheduler's shift and the memory options applied. ``hub``:
+    extra ``from_pretrained`` arguments from :func:`~xattn_video.pipelines.preflight.check_model_source` (which
+    callers run first); a loading error becomes a one-line ConfigError."""
     import torch
 
     dtype = getattr(torch, model.dtype)
@@ -151,7 +154,11 @@ def load_pipeline(model: ModelConfig, device: str, video: VideoConfig | None = N
     else:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(model.id, torch_dtype=dtypes, revision=model.revision)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(model.id, torch_dtype=dtypes, revision=model.revision,
+                                                     **(hub or {}))
+        except (OSError, ValueError) as e:  # diffusers' messages for missing files, bad folders, bad configs
+            raise ConfigError(f"model.id = {model.id!r}: the pipeline could not be loaded: {one_line(e)}") from None
     family = family_of(pipe)
     if family == "wan22_ti2v":
         from diffusers import WanImageToVideoPipeline, WanPipeline

@@ -4,6 +4,7 @@ layout, whether a job's video is already made, and the JSONL manifest."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -17,9 +18,12 @@ from .generate_config import MAX_NAME_BYTES, ConfigError, GenerateConfig, Varian
 # ------------------------------------------------------------------------------------------------- prompts
 
 
-def read_prompt_file(path: str | os.PathLike) -> list[str]:
-    """A prompt file: one prompt a line; blank lines and lines starting with ``#`` are skipped."""
-    lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+def read_prompt_file(path: str | os.PathLike, key: str = "prompts.file") -> list[str]:
+    """A prompt file: one prompt a line; blank lines and lines starting with ``#`` are skipped. A file that
+    cannot be read or is not UTF-8 is a one-line ConfigError naming ``key``."""
+    from .preflight import read_text_file
+
+    lines = read_text_file(path, key).splitlines()
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -29,13 +33,20 @@ def read_vbench_prompts(path: str | os.PathLike) -> list[str]:
     prompt, so a repeated prompt would be the same files."""
     path = Path(path).expanduser()
     if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        from .preflight import read_text_file
+
+        try:
+            data = json.loads(read_text_file(path, "prompts.vbench_file"))
+        except ValueError as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"prompts.vbench_file = {str(path)!r} is not allowed: not valid JSON ({e})") from None
         if not isinstance(data, list) or not all(isinstance(d, dict) and "prompt_en" in d for d in data):
             raise ConfigError(f"prompts.vbench_file = {str(path)!r} is not allowed: a VBench json is a list of "
                               '{"prompt_en": ...} entries')
         prompts = [str(d["prompt_en"]).strip() for d in data]
     else:
-        prompts = read_prompt_file(path)  # VBench's own files hold no blank or "#" lines
+        prompts = read_prompt_file(path, "prompts.vbench_file")  # VBench's own files hold no blank or "#" lines
     return list(dict.fromkeys(prompts))
 
 
@@ -181,6 +192,12 @@ class Layout:
     def latents(self, job: VideoJob) -> Path:
         return self.root / "meta" / job.variant.name / f"{job.name}.latents.pt"
 
+    def lock(self, job: VideoJob) -> Path:
+        """The lock file a process holds while it makes the job's video in every variant (a hash of the name:
+        names can be long)."""
+        tag = hashlib.sha1(job.name.encode()).hexdigest()[:16]
+        return self.partial / "locks" / f"{tag}.lock"
+
     def rel(self, path: Path) -> str:
         return str(path.relative_to(self.root))
 
@@ -206,11 +223,20 @@ def job_state(job: VideoJob, layout: Layout, keep_latents: bool) -> str:
 
 
 def append_manifest(path: Path, record: dict) -> None:
-    """Append one JSON line with a single O_APPEND write, so that concurrent processes never interleave."""
+    """Append one JSON line with a single O_APPEND write, so that concurrent processes never interleave.
+
+    A line that an earlier writer left cut short (killed, disk full) is ended first, so that it never swallows
+    this record; a write that the disk cuts short raises OSError (ENOSPC) instead of passing silently.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        written = os.write(fd, line)
+        if written != len(line):
+            raise OSError(errno.ENOSPC, f"only {written} of {len(line)} bytes of a record could be appended", str(path))
     finally:
         os.close(fd)

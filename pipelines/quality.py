@@ -282,6 +282,14 @@ def run_quality(
 
     from xattn_video.pipelines.video_io import read_video, write_json_atomic, write_text_atomic
 
+    from .preflight import check_output_dir
+    from .safe_io import clear_stale_temporaries, one_line
+
+    try:  # before any pair is read: a report folder that cannot be written fails now, in one line
+        check_output_dir(output, "--output")
+    except ValueError as e:
+        raise QualityError(str(e)) from None
+    clear_stale_temporaries(output)
     ref_videos = list_videos(reference)
     pairings = [pair_folders(ref_videos, folder, name, only_common=opts.only_common) for name, folder in candidates]
     for p in pairings:
@@ -324,13 +332,13 @@ def run_quality(
                         try:
                             ref_frames = read_video(ref_videos[name])
                         except Exception as e:
-                            ref_error = f"reference {ref_videos[name]} cannot be read: {type(e).__name__}: {e}"
+                            ref_error = f"reference {one_line(e)}"
                     if ref_error is not None:
                         raise QualityError(ref_error)
                     try:
                         cand_frames = read_video(cand_path)
                     except Exception as e:
-                        raise QualityError(f"{cand_path} cannot be read: {type(e).__name__}: {e}") from None
+                        raise QualityError(one_line(e)) from None
                     result = cached or compare_frames(ref_frames, cand_frames, device=opts.device,
                                                       lpips_model=lpips_model)
                     result = {"reference": str(ref_videos[name]), "candidate": str(cand_path), **result, "key": key}
@@ -614,8 +622,8 @@ def run(args: argparse.Namespace) -> int:
     print(summary_table(result.report))
     print(f"report: {result.json_path}, {result.md_path}" + (f"; plots under {output / 'plots'}" if opts.plots
                                                             else ""))
-    for label, error in result.failures:
-        print(f"FAILED {label}: {error}", file=sys.stderr)
+    if result.failures:  # each was said once as it happened
+        print(f"{len(result.failures)} pairs failed (listed above and in {result.json_path})", file=sys.stderr)
     return 0 if result.ok else 1
 
 

@@ -160,9 +160,20 @@ def missing_report(missing: dict[str, list[str]], cache: Path) -> str:
 # ------------------------------------------------------------------------------------------------- folders
 
 
-def _videos(folder: Path) -> list[Path]:
+def _video_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
                   and not p.name.startswith("."))
+
+
+def _videos(folder: Path) -> list[Path]:
+    """The videos VBench will read: empty (0-byte) files are not videos (see :func:`empty_videos`)."""
+    return [p for p in _video_files(folder) if p.stat().st_size > 0]
+
+
+def empty_videos(folder: Path) -> list[Path]:
+    """Video-named files of 0 bytes (a run killed before atomic writing, a failed copy): VBench would fail
+    on them, so they are reported and make the folder not ready."""
+    return [p for p in _video_files(folder) if p.stat().st_size == 0]
 
 
 def resolve_folders(paths: Sequence[str]) -> list[Path]:
@@ -506,6 +517,11 @@ def run(args: argparse.Namespace) -> int:
             log(f"  {job.short_prompts} prompts have fewer than the 5 videos VBench's suite expects (generate "
                 "with seeds=[0,1,2,3,4] or videos_per_prompt=5); VBench warns about each missing one")
     problems = []
+    empty = [p for job in jobs for p in empty_videos(job.folder)]
+    if empty:
+        log(f"{len(empty)} video files are empty (0 bytes) and not counted: {', '.join(str(p) for p in empty[:5])}"
+            + (" ..." if len(empty) > 5 else "") + "; remake or remove them")
+        problems.append(f"{len(empty)} empty video files")
     if missing:
         log(missing_report(missing, cache))
         problems.append(f"{sum(len(p) for p in missing.values())} weight paths missing (listed above)")

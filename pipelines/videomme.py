@@ -230,7 +230,7 @@ def _dataset_paths(cfg: VideoMMEConfig, root: Path) -> tuple[Path, Path, Path | 
         from .videomme_data import write_synthetic_videomme
 
         synthetic = root / "synthetic"
-        if not (synthetic / "videomme").is_dir():
+        if not list((synthetic / "videomme").glob("test.*")):  # written last: a set without it is not whole
             import importlib.util
 
             # Video-MME's own format when pyarrow is there (the videomme extra); the same rows as JSONL if not
@@ -257,10 +257,13 @@ def _now() -> str:
 
 def run_videomme(cfg: VideoMMEConfig, *, dry_run: bool = False) -> RunResult:
     """Answer every question not yet answered by every variant, append the answers, write the report."""
+    from . import preflight
     from .generate_plan import append_manifest
-    from .videomme_data import TableError, find_video, load_questions, load_subtitles, subtitles_at
+    from .safe_io import clear_stale_temporaries, one_line
+    from .videomme_data import SubtitleError, TableError, find_video, load_questions, load_subtitles, subtitles_at
 
     root = Path(cfg.output_root).expanduser()
+    preflight.check_output_dir(root, "output.root")  # before the synthetic set or any answer is written
     result = RunResult(root=root, variants=cfg.variants)
     questions_path, videos_dir, subtitles_dir = _dataset_paths(cfg, root)
     try:
@@ -281,6 +284,15 @@ def run_videomme(cfg: VideoMMEConfig, *, dry_run: bool = False) -> RunResult:
         result.skipped[v.name] = sum(q.question_id in done[v.name] for q in questions)
         result.answered[v.name] = 0
         result.failed[v.name] = []
+    device = None
+    if todo and not dry_run:  # the device, the backends and the model, checked before anything is written or loaded
+        device = resolve_device(cfg.model["device"])
+        preflight.check_device_for_model(cfg.model["device"], device, cfg.model["id"])
+        preflight.check_backends_on_device(cfg.variants, device)
+        if cfg.model["id"] != "tiny":
+            preflight.check_model_source(cfg.model["id"], cfg.model["revision"], index_file="config.json",
+                                         what="a transformers model folder",
+                                         log=lambda m: print(m, file=sys.stderr))
     if dry_run:
         result.dry_run_lines = [
             f"questions: {len(questions)} from {questions_path} (+{len(row_errors)} unusable rows); "
@@ -291,6 +303,7 @@ def run_videomme(cfg: VideoMMEConfig, *, dry_run: bool = False) -> RunResult:
         return result
 
     root.mkdir(parents=True, exist_ok=True)
+    clear_stale_temporaries(root)
     from xattn_video.pipelines.video_io import write_text_atomic
 
     write_text_atomic(root / "config.yaml", to_yaml(cfg))
@@ -319,13 +332,18 @@ def run_videomme(cfg: VideoMMEConfig, *, dry_run: bool = False) -> RunResult:
 
         from xattn_video.llm.qwen_inputs import read_frames, video_messages
 
-        device = resolve_device(cfg.model["device"])
-        model, processor = load_model_and_processor(cfg, device)
+        try:
+            model, processor = load_model_and_processor(cfg, device)
+        except (OSError, ValueError) as e:  # missing files, a folder that is not this kind of model
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"model.id = {cfg.model['id']!r}: the model could not be loaded: {one_line(e)}") from None
         result.processor = processor.kind
         bar = tqdm(total=len(todo), desc="questions", unit="q", disable=not _show_progress(cfg.progress),
                    dynamic_ncols=True)
         cached = None  # (video path, frames, info) of the last video read
         warmed: set[str] = set()
+        said_subtitles: set[str] = set()
         for position, q in enumerate(todo):
             pending = [v for v in cfg.variants if q.question_id not in done[v.name]]
             try:
@@ -336,9 +354,16 @@ def run_videomme(cfg: VideoMMEConfig, *, dry_run: bool = False) -> RunResult:
                                                        min_frames=cfg.video["min_frames"]))
                 _, frames, info = cached
                 subs: list[str] = []
+                subtitle_note = None
                 if subtitles_dir is not None:
                     srt = subtitles_dir / f"{q.video}.srt"
-                    subs = subtitles_at(load_subtitles(srt), info["times_s"]) if srt.is_file() else []
+                    try:
+                        subs = subtitles_at(load_subtitles(srt), info["times_s"]) if srt.is_file() else []
+                    except SubtitleError as e:  # the question goes on without subtitles, and says so
+                        subtitle_note = str(e)
+                        if q.video not in said_subtitles:
+                            said_subtitles.add(q.video)
+                            print(f"{q.question_id}: no subtitles: {e}", file=sys.stderr)
                 text = build_question_text(q, cfg.prompt, subs)
                 prompt = processor.chat_prompt(video_messages(text, cfg.prompt["system"]))
                 inputs = processor(prompt, frames, info)
@@ -354,6 +379,8 @@ def run_videomme(cfg: VideoMMEConfig, *, dry_run: bool = False) -> RunResult:
                       "sampled_fps": info["sampled_fps"],
                       "video_grid_thw": grid, "prompt_tokens": int(inputs["input_ids"].shape[1]),
                       "subtitle_lines": len(subs), "processor": processor.kind}
+            if subtitle_note is not None:
+                common["subtitle_error"] = subtitle_note
             # alternate the variants' order question by question, so neither always runs on a cold cache
             for v in (pending if position % 2 == 0 else pending[::-1]):
                 try:

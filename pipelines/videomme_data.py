@@ -7,12 +7,15 @@ and the subtitles as ``subtitle/<videoID>.srt``. :func:`load_questions` reads th
 columns as CSV (options as a JSON list or one per line), JSON (a list of rows) or JSONL.
 
 A table that cannot be read or lacks a required column is a :class:`TableError` (the run cannot start);
-a bad row (empty question, unusable options, an answer that is not one of the option letters, a repeated
-question id) becomes a :class:`RowError` that the run records and goes past.
+a bad row (a JSONL line that is not a JSON object, an empty question, unusable options, an answer that is not one
+of the option letters, a repeated question id) becomes a :class:`RowError` that the run records and goes past.
+A subtitle file that cannot be read or holds no SRT cue is a :class:`SubtitleError` (the question goes on
+without subtitles, and its record says why).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -26,6 +29,7 @@ from .answers import parse_options
 __all__ = [
     "Question",
     "RowError",
+    "SubtitleError",
     "TableError",
     "find_video",
     "load_questions",
@@ -43,6 +47,18 @@ TABLE_SUFFIXES = (".parquet", ".csv", ".json", ".jsonl")
 
 class TableError(ValueError):
     """The question table as a whole is unusable (missing, unreadable, a required column absent)."""
+
+
+class SubtitleError(ValueError):
+    """A subtitle file cannot be read, or holds no SRT cue."""
+
+
+@dataclass(frozen=True)
+class _BadLine:
+    """A JSONL line that is not a JSON object: kept in place so that it becomes a RowError."""
+
+    where: str
+    error: str
 
 
 @dataclass(frozen=True)
@@ -105,8 +121,8 @@ def _read_rows(path: Path) -> list[dict]:
             with path.open(newline="", encoding="utf-8") as f:
                 return list(csv.DictReader(f))
         if suffix == ".jsonl":
-            lines = path.read_text(encoding="utf-8").splitlines()
-            return [json.loads(line) for line in lines if line.strip()]
+            return [_jsonl_row(path, n, line) for n, line in
+                    enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
         if suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(data, list):
@@ -117,6 +133,14 @@ def _read_rows(path: Path) -> list[dict]:
     except Exception as e:  # pyarrow, csv and json raise many types for a corrupt file
         raise TableError(f"question table {str(path)!r} cannot be read: {type(e).__name__}: {e}") from None
     raise TableError(f"question table {str(path)!r}: unknown format {suffix!r}; use one of {list(TABLE_SUFFIXES)}")
+
+
+def _jsonl_row(path: Path, number: int, line: str) -> dict | _BadLine:
+    try:
+        row = json.loads(line)
+    except ValueError as e:
+        return _BadLine(f"{path.name} line {number}", f"not valid JSON ({e})")
+    return row if isinstance(row, dict) else _BadLine(f"{path.name} line {number}", "not a JSON object")
 
 
 def _options(value: Any) -> list[str]:
@@ -143,8 +167,12 @@ def load_questions(path: str | os.PathLike) -> tuple[list[Question], list[RowErr
     rows: list[dict] = []
     for f in files:
         rows.extend(_read_rows(f))
+    bad_lines = [(i, r) for i, r in enumerate(rows) if isinstance(r, _BadLine)]
+    rows_read = len(rows)
+    rows = [r for r in rows if not isinstance(r, _BadLine)]
     if not rows:
-        raise TableError(f"question table {str(path)!r} holds no rows")
+        raise TableError(f"question table {str(path)!r} holds no rows"
+                         + (f" ({bad_lines[0][1].where}: {bad_lines[0][1].error})" if bad_lines else ""))
     if not all(isinstance(r, dict) for r in rows):
         raise TableError(f"question table {str(path)!r}: every row must be a mapping of column -> value")
     columns = set().union(*(r.keys() for r in rows))
@@ -153,9 +181,11 @@ def load_questions(path: str | os.PathLike) -> tuple[list[Question], list[RowErr
         raise TableError(f"question table {str(path)!r} lacks column(s) {missing}; Video-MME's columns are "
                          f"{list(REQUIRED) + list(OPTIONAL)}")
     questions: list[Question] = []
-    errors: list[RowError] = []
+    errors = [RowError(f"row-{i}", i, f"row {i} ({bad.where}): {bad.error}") for i, bad in bad_lines]
     seen: set[str] = set()
-    for i, row in enumerate(rows):
+    # the good rows keep their place in the table: row numbers count the bad lines too
+    good_positions = [i for i in range(rows_read) if i not in {j for j, _ in bad_lines}]
+    for i, row in zip(good_positions, rows, strict=True):
         qid = _text(row.get("question_id")) or f"row-{i}"
         info = {k: _text(row.get(k)) for k in ("videoID", "duration", "task_type", "domain")}
         try:
@@ -204,7 +234,11 @@ _SRT_TIME = re.compile(r"(\d+):(\d+):(\d+)[,.](\d+)\s*-->\s*(\d+):(\d+):(\d+)[,.
 def load_subtitles(path: str | os.PathLike) -> list[tuple[float, float, str]]:
     """An .srt file as (start s, end s, text) cues in file order; markup tags dropped."""
     cues = []
-    text = Path(path).read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise SubtitleError(f"subtitle file {path} cannot be read ({e.strerror or e})") from None
+    text = data.decode("utf-8-sig", errors="replace").replace("\r\n", "\n")
     for block in re.split(r"\n\s*\n", text):
         lines = [line for line in block.strip().splitlines() if line.strip()]
         for j, line in enumerate(lines):
@@ -217,6 +251,8 @@ def load_subtitles(path: str | os.PathLike) -> list[tuple[float, float, str]]:
                 if body:
                     cues.append((start, end, body))
                 break
+    if not cues and text.strip():
+        raise SubtitleError(f"subtitle file {path} holds no SRT cue (\"00:00:01,000 --> 00:00:02,000\" then text)")
     return cues
 
 
@@ -244,7 +280,7 @@ def write_synthetic_videomme(folder: str | os.PathLike, *, n_videos: int = 3, qu
     """
     import numpy as np
 
-    from xattn_video.pipelines.video_io import write_video
+    from xattn_video.pipelines.video_io import atomic_path, write_text_atomic, write_video
 
     folder = Path(folder)
     rng = np.random.default_rng(seed)
@@ -261,8 +297,7 @@ def write_synthetic_videomme(folder: str | os.PathLike, *, n_videos: int = 3, qu
         write_video(folder / "data" / f"{video}.mp4", frames, fps=fps)
         srt = "".join(f"{i + 1}\n00:00:{2 * i:02d},000 --> 00:00:{2 * i + 1:02d},500\nline {i} of {video}\n\n"
                       for i in range(int(seconds // 2)))
-        (folder / "subtitle").mkdir(parents=True, exist_ok=True)
-        (folder / "subtitle" / f"{video}.srt").write_text(srt, encoding="utf-8")
+        write_text_atomic(folder / "subtitle" / f"{video}.srt", srt, tmp_dir=folder / ".partial")
         for q in range(questions_per_video):
             answer = "ABCD"[int(rng.integers(0, 4))]
             rows.append({
@@ -272,23 +307,25 @@ def write_synthetic_videomme(folder: str | os.PathLike, *, n_videos: int = 3, qu
                 "question": f"What colour is square number {q}?",
                 "options": [f"{letter}. colour {k}" for k, letter in enumerate("ABCD")], "answer": answer,
             })
-    table = folder / "videomme" / f"test.{fmt}"
-    table.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(rows), table)
-    elif fmt == "jsonl":
-        table.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    elif fmt == "json":
-        table.write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    elif fmt == "csv":
-        with table.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({**r, "options": json.dumps(r["options"])})
-    else:
+    if fmt not in ("parquet", "jsonl", "json", "csv"):
         raise ValueError(f"fmt must be one of parquet, jsonl, json, csv; got {fmt!r}")
+    # the table last and atomically: a set whose table is there is whole (the tiny default reuses it)
+    with atomic_path(folder / "videomme" / f"test.{fmt}", tmp_dir=folder / ".partial") as table:
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), table)
+        elif fmt == "jsonl":
+            table.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        elif fmt == "json":
+            table.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+        else:
+            with table.open("w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                for r in rows:
+                    writer.writerow({**r, "options": json.dumps(r["options"])})
+    with contextlib.suppress(OSError):
+        (folder / ".partial").rmdir()
     return folder

@@ -10,13 +10,12 @@ import json
 import time
 from pathlib import Path
 
-import imageio.v2
 import numpy as np
 import pytest
 import torch
 
 from xattn_video import cli
-from xattn_video.pipelines import generate
+from xattn_video.pipelines import generate, video_io
 from xattn_video.pipelines.generate import run_generate, summary_table
 from xattn_video.pipelines.generate_config import load_config
 from xattn_video.pipelines.generate_plan import Layout, plan_jobs, resolve_prompts
@@ -132,29 +131,19 @@ class Killed(BaseException):
 def test_resume_after_crash_makes_only_the_missing(tmp_path, pipe, monkeypatch):
     root = tmp_path / "out"
     cfg = small_config(root, "prompts=[one, two, three]")
-    real_get_writer = imageio.v2.get_writer
-    opened = []
+    real_write_frame = video_io._write_frame
+    frames_sent = []
 
-    def dying_writer(*args, **kwargs):
-        writer = real_get_writer(*args, **kwargs)
-        opened.append(writer)
-        if len(opened) == 4:  # the 4th video dies after two of its frames are on disk
-            append = writer.append_data
-            count = []
+    def dying_write_frame(pipe_, frame):  # the 4th video (5 frames each) dies after two of its frames
+        frames_sent.append(1)
+        if len(frames_sent) == 3 * 5 + 3:
+            raise Killed()
+        real_write_frame(pipe_, frame)
 
-            def append_data(frame):
-                count.append(1)
-                if len(count) == 3:
-                    raise Killed()
-                append(frame)
-
-            writer.append_data = append_data
-        return writer
-
-    monkeypatch.setattr(imageio.v2, "get_writer", dying_writer)
+    monkeypatch.setattr(video_io, "_write_frame", dying_write_frame)
     with pytest.raises(Killed):
         run(cfg, pipe)
-    monkeypatch.setattr(imageio.v2, "get_writer", real_get_writer)
+    monkeypatch.setattr(video_io, "_write_frame", real_write_frame)
 
     layout = Layout(root)
     jobs = plan_jobs(cfg, resolve_prompts(cfg))
@@ -198,7 +187,7 @@ def test_failed_video_is_reported_and_the_run_goes_on(tmp_path, pipe, monkeypatc
         return real(pipe_, proc, job, cfg, device)
 
     monkeypatch.setattr(generate, "generate_video", flaky)
-    monkeypatch.setattr(generate, "load_pipeline", lambda model, device, video=None: pipe)
+    monkeypatch.setattr(generate, "load_pipeline", lambda model, device, video=None, hub=None: pipe)
     assert cli.main(["generate", *overrides]) == 1
     captured = capsys.readouterr()
     assert captured.err.count("FAILED dense/0001_broken") >= 1 and "simulated" in captured.err

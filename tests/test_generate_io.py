@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-import imageio.v2
 import numpy as np
 import pytest
 from PIL import Image
 
+from xattn_video.pipelines import video_io
 from xattn_video.pipelines.video_io import (
     atomic_path,
     read_video,
@@ -42,33 +42,27 @@ class Killed(BaseException):
 
 
 def test_interrupted_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
-    real_get_writer = imageio.v2.get_writer
+    real_write_frame = video_io._write_frame
+    written = []
 
-    class DyingWriter:
-        def __init__(self, *args, **kwargs):
-            self.inner = real_get_writer(*args, **kwargs)
-            self.n = 0
-
-        def append_data(self, frame):
-            self.n += 1
-            if self.n == 3:
-                raise Killed()
-            self.inner.append_data(frame)
-
-        def close(self):
-            self.inner.close()
+    def dying_write_frame(pipe, frame):  # the third frame never reaches ffmpeg: the process is "killed"
+        written.append(1)
+        if len(written) % 3 == 0:
+            raise Killed()
+        real_write_frame(pipe, frame)
 
     tmp_dir = tmp_path / ".partial"
     target = tmp_path / "out" / "v.mp4"
-    monkeypatch.setattr(imageio.v2, "get_writer", DyingWriter)
+    monkeypatch.setattr(video_io, "_write_frame", dying_write_frame)
     with pytest.raises(Killed):
         write_video(target, smooth_frames(), fps=8, tmp_dir=tmp_dir)
     assert not target.exists()
     assert list(tmp_dir.iterdir()) == []  # the partial file is gone too
 
-    monkeypatch.setattr(imageio.v2, "get_writer", real_get_writer)
+    monkeypatch.setattr(video_io, "_write_frame", real_write_frame)
     write_video(target, smooth_frames(t=5), fps=8, tmp_dir=tmp_dir)
-    monkeypatch.setattr(imageio.v2, "get_writer", DyingWriter)
+    written.clear()
+    monkeypatch.setattr(video_io, "_write_frame", dying_write_frame)
     with pytest.raises(Killed):
         write_video(target, smooth_frames(t=9), fps=8, tmp_dir=tmp_dir)
     assert read_video(target).shape[0] == 5  # the finished file from before is intact

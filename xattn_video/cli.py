@@ -83,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as e:
         print(f"xattn-video {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # the machine, not the program: a full disk, a file that vanished, a lost mount
+        where = f" ({e.filename})" if getattr(e, "filename", None) and str(e.filename) not in str(e) else ""
+        print(f"xattn-video {args.command}: error: {type(e).__name__}: {e}{where}".splitlines()[0], file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"xattn-video {args.command}: interrupted", file=sys.stderr)
         return 130
