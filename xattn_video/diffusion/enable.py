@@ -107,10 +107,13 @@ def enable(pipe_or_transformer, *, integration: str = "auto", **settings):
 
 
 def _detach_backend(transformers) -> None:
-    from .step_hooks import unregister
+    """A transformer that had the backend gets its processors' earlier backend back and loses the step hook."""
+    from .backend import _hook_of
 
     for transformer in transformers:
-        unregister(transformer)
+        hook = _hook_of(transformer)
+        if hook is not None:
+            hook.session.detach()
 
 
 def _detach_processor(transformers) -> None:
