@@ -163,7 +163,12 @@ def test_hunyuan_keeps_processor_by_default_and_takes_the_backend():
         xattn_video.enable(pipe, warmup_fraction=0.5)
     with pytest.raises(ValueError, match="HunyuanVideo only"):
         xattn_video.enable(pipeline("wan21"), integration="processor")
-    session.disable()
+    # back to the processor: the backend session lets go (no hook, no xattn backend left behind)
+    proc = xattn_video.enable(pipe, threshold=1.0, stride=4, block_size=16)
+    assert pipe.transformer._diffusers_hook.get_hook("xattn_video_steps") is None
+    torch.testing.assert_close(generate(pipe, "hunyuan"), reference, atol=2e-5, rtol=1e-5)
+    assert proc.stats["totals"]["calls"] == 3 * 4
+    clean(pipe)
     clean(pipeline("wan21"))
 
 
