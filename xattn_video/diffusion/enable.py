@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from . import _diffusers_private as private
-
 __all__ = ["SUPPORTED_PIPELINES", "SUPPORTED_TRANSFORMERS", "enable"]
 
 SUPPORTED_PIPELINES = (
@@ -99,7 +97,9 @@ def enable(pipe_or_transformer, *, integration: str = "auto", **settings):
 
         _detach_backend(transformers)
         return enable_processor(transformers[0], **settings)
-    private.check_diffusers_version()
+    from ._diffusers_private import check_diffusers_version
+
+    check_diffusers_version()
     from .backend import enable_backend
 
     _detach_processor(transformers)
