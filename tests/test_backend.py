@@ -163,7 +163,12 @@ def test_hunyuan_keeps_processor_by_default_and_takes_the_backend():
         xattn_video.enable(pipe, warmup_fraction=0.5)
     with pytest.raises(ValueError, match="HunyuanVideo only"):
         xattn_video.enable(pipeline("wan21"), integration="processor")
-    session.disable()
+    # back to the processor: the backend session lets go (no hook, no xattn backend left behind)
+    proc = xattn_video.enable(pipe, threshold=1.0, stride=4, block_size=16)
+    assert pipe.transformer._diffusers_hook.get_hook("xattn_video_steps") is None
+    torch.testing.assert_close(generate(pipe, "hunyuan"), reference, atol=2e-5, rtol=1e-5)
+    assert proc.stats["totals"]["calls"] == 3 * 4
+    clean(pipe)
     clean(pipeline("wan21"))
 
 
@@ -288,3 +293,41 @@ def test_dropout_and_return_lse_are_diffusers_native():
     finally:
         deactivate()
     assert session.stats["native_calls"] == {"dropout": 1, "return_lse": 1}
+
+
+# ---------------------------------------------------------------------------------------------- LTX, SkyReels-V2
+
+
+def test_ltx_and_skyreels_transformers_threshold_one_equal_native():
+    from diffusers import LTXVideoTransformer3DModel, SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(0)
+    ltx = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=2, caption_channels=16,
+    ).eval()
+    timestep = torch.full((1, 288), 900.0)
+    timestep[:, :96] = 0.0  # image-to-video: the conditioning frame's tokens at 0
+    ltx_inputs = dict(
+        hidden_states=torch.randn(1, 288, 8), encoder_hidden_states=torch.randn(1, 7, 16),
+        encoder_attention_mask=torch.ones(1, 7), timestep=timestep, num_frames=3, height=8, width=12,
+    )
+    skyreels = SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=1024,
+    ).eval()
+    skyreels_inputs = dict(
+        hidden_states=torch.randn(1, 4, 3, 16, 24), timestep=torch.tensor([900.0]),
+        encoder_hidden_states=torch.randn(1, 7, 16),
+    )
+    for transformer, inputs in ((ltx, ltx_inputs), (skyreels, skyreels_inputs)):
+        with torch.no_grad():
+            reference = transformer(**inputs, return_dict=False)[0]
+            session = xattn_video.enable(transformer, threshold=1.0, **SPARSE)
+            out = transformer(**inputs, return_dict=False)[0]
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+        (step,) = session.stats["generations"][0]["steps"]
+        assert (step["timestep"], step["mode"], len(step["layers"])) == (900.0, "sparse", 2)
+        assert session.stats["native_calls"] == {"cross_attention": 2}
+        session.disable()

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from . import _diffusers_private as private
-
 __all__ = ["SUPPORTED_PIPELINES", "SUPPORTED_TRANSFORMERS", "enable"]
 
 SUPPORTED_PIPELINES = (
@@ -99,7 +97,9 @@ def enable(pipe_or_transformer, *, integration: str = "auto", **settings):
 
         _detach_backend(transformers)
         return enable_processor(transformers[0], **settings)
-    private.check_diffusers_version()
+    from ._diffusers_private import check_diffusers_version
+
+    check_diffusers_version()
     from .backend import enable_backend
 
     _detach_processor(transformers)
@@ -107,10 +107,13 @@ def enable(pipe_or_transformer, *, integration: str = "auto", **settings):
 
 
 def _detach_backend(transformers) -> None:
-    from .step_hooks import unregister
+    """A transformer that had the backend gets its processors' earlier backend back and loses the step hook."""
+    from .backend import _hook_of
 
     for transformer in transformers:
-        unregister(transformer)
+        hook = _hook_of(transformer)
+        if hook is not None:
+            hook.session.detach()
 
 
 def _detach_processor(transformers) -> None:
