@@ -75,7 +75,10 @@ def family_of_model(model: ModelConfig) -> str:
         return TINY_IDS[model.id]
     from diffusers import DiffusionPipeline
 
-    index = DiffusionPipeline.load_config(model.id, revision=model.revision)
+    try:
+        index = DiffusionPipeline.load_config(model.id, revision=model.revision)
+    except (OSError, ValueError) as e:  # a missing or broken model_index.json: the same line as a failed load
+        raise ConfigError(f"model.id = {model.id!r}: the pipeline could not be loaded: {one_line(e)}") from None
     return classify(index.get("_class_name", "?"), index)
 
 
