@@ -213,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         proc.attach(model)
         with torch.inference_mode():
             forward_ms[token_order] = time_ms(lambda: model(**inputs), args.forwards, clock)
-        layers = proc.stats["generations"][0]["steps"][0]["layers"]
-        assert {layer["token_order"] for layer in layers} == {token_order}, layers
+        assert proc.stats["settings"]["token_order"] == token_order, proc.stats["settings"]
         proc.detach()
     per_layer = (forward_ms["tiled"] - forward_ms["raster"]) / 2
     rows += [
