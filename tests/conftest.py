@@ -26,3 +26,12 @@ def pytest_collection_modifyitems(config, items):
 def device() -> str:
     """Tensors live on the GPU when there is one, else on the CPU (Triton interpreter)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread avoids OpenMP contention on a busy CI box (modules opt in with usefixtures)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

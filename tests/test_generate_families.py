@@ -29,12 +29,7 @@ SMALL = ["video.height=128", "video.width=192", "video.frames=9", "video.steps=2
          "attention.block_size=16", "attention.stride=4", "attention.warmup_steps=1", "attention.min_len=16"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(*overrides: str, family: str = "wan21"):

@@ -14,13 +14,7 @@ from xattn_video.testing.tiny_pipelines import FAMILIES, build_tiny_pipeline, ti
 PROMPT = "a cat walks on the grass"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids OpenMP contention on a busy CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -214,12 +214,7 @@ PROMPT = "a cat walks on the grass"
 TINY = dict(block_size=16, stride=4, tile=(1, 4, 4), backend="torch")  # 16-token blocks: 48 video blocks
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def latents() -> torch.Tensor:
