@@ -19,7 +19,8 @@ diffusers attention backend):
   dense        the xattn backend with every step dense (unmasked SDPA over the valid tokens)
   xattn-T      XAttention at threshold T (random weights give nearly flat attention: read the fixed rows)
   fixed-D      the real estimate runs and is timed, then its block choice is replaced by random blocks at
-               density D (each query-block row keeps round(D x blocks) key blocks), as e2e_hunyuan's fixed-D
+               density D (each query-block row keeps round(D x blocks) key blocks), as e2e_hunyuan's fixed-D;
+               through the session's ``select_blocks`` override point (a subclass of XAttnSession)
   ...+fp8      the float8 block estimate
 The attention share of a forward is measured first (the stock row): CUDA events around every
 ``dispatch_attention_fn`` call of the Wan processor, self-attention and cross-attention apart; the same timer
@@ -53,9 +54,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_hunyuan import Clock, import_project, parse_variant, rel_err  # noqa: E402
 
 WAN21_14B = dict(
-    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024,
+    patch_size=(1, 2, 2),
+    num_attention_heads=40,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=13824,
+    num_layers=40,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    image_dim=None,
+    added_kv_proj_dim=None,
+    rope_max_seq_len=1024,
 )
 LATENT = (21, 90, 160)  # 81 frames at 720x1280
 TEXT_TOKENS = 512
@@ -63,8 +76,9 @@ DEFAULT_VARIANTS = ["stock", "dense", "fixed-0.35", "fixed-0.15", "xattn-0.9"]
 STOCK_BACKENDS = ["_native_cudnn", "_native_flash", "_native_efficient", "native", "flash", "_flash_3"]
 
 # --tiny: the same script on the CPU, 2 narrow blocks, 3 x 8 x 16 = 384 video tokens in 32-token blocks.
-TINY_CONFIG = dict(WAN21_14B, num_attention_heads=2, attention_head_dim=32, text_dim=32, freq_dim=32, ffn_dim=128,
-                   num_layers=2)
+TINY_CONFIG = dict(
+    WAN21_14B, num_attention_heads=2, attention_head_dim=32, text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2
+)
 TINY_LATENT, TINY_TEXT_TOKENS = (3, 16, 32), 32
 
 
@@ -176,51 +190,51 @@ class AttentionTimer:
         return sum(t for t, s in ms if s), sum(t for t, s in ms if not s)
 
 
-@contextlib.contextmanager
-def fixed_density(density: float | None):
-    """Within: XAttention's block choice is replaced by random blocks at ``density``; the real estimate still
-    runs (and is timed). Benchmark-only: it swaps the estimate that ``xattn_video.core.attention`` calls, as the
-    xattn backend has no block-selection hook of its own (XAttnProcessor's is ``select_blocks``)."""
-    if density is None:
-        yield
-        return
-    import xattn_video.core.attention as attention
+def fixed_density_session_class():
+    """An :class:`XAttnSession` whose block choice is random blocks at a fixed density (benchmarks only), through
+    the session's ``select_blocks`` override point; the real estimate still runs, and is timed."""
+    from xattn_video.diffusion.backend import XAttnSession
     from xattn_video.testing.synthetic import random_block_selection
 
-    real, cache = attention.estimate_blocks, {}
+    class FixedDensitySession(XAttnSession):
+        def __init__(self, density: float, **settings):
+            super().__init__(**settings)
+            if not 0 < density <= 1:
+                raise ValueError(f"density must be in (0, 1], got {density}")
+            self.density = density
+            self._selections: dict = {}
 
-    def estimate(q, k, config, **kwargs):
-        real(q, k, config, **kwargs)  # its result is replaced, its cost kept
-        n_blocks = math.ceil(q.shape[2] / config.block_size)
-        key = (q.shape[0], q.shape[1], n_blocks, q.device)
-        if key not in cache:
-            cache[key] = random_block_selection(*key[:3], density, device=q.device, seed=1234 + n_blocks)
-        return cache[key]
+        def select_blocks(self, q, k, *, scale=None):
+            super().select_blocks(q, k, scale=scale)  # its result is replaced, its cost kept
+            n_blocks = math.ceil(q.shape[2] / self.block_size)
+            key = (q.shape[0], q.shape[1], n_blocks, q.device)
+            if key not in self._selections:
+                self._selections[key] = random_block_selection(
+                    *key[:3], self.density, device=q.device, seed=1234 + n_blocks
+                )
+            return self._selections[key]
 
-    attention.estimate_blocks = estimate
-    try:
-        yield
-    finally:
-        attention.estimate_blocks = real
+    return FixedDensitySession
 
 
 # ---------------------------------------------------------------------------------------------- variants
 
 
 def enable_variant(model, variant: str, args):
-    """Put the variant on ``model``; returns the xattn session (None for stock) and the fixed density (or None)."""
+    """Put the variant on ``model``; returns the xattn session (None for stock)."""
     import xattn_video
 
     kind, value, fp8 = parse_variant(variant)
     if kind == "stock":
         model.set_attention_backend(args.stock_backend)
-        return None, None
+        return None
     common = dict(stride=args.stride, block_size=args.block_size, backend=args.backend, min_len=args.min_len)
     if kind == "dense":  # every forward here repeats step 0: a warmup longer than any run keeps it dense
-        return xattn_video.enable(model, threshold=0.9, warmup_steps=10**9, **common), None
-    threshold = value if kind == "xattn" else 0.9
-    session = xattn_video.enable(model, threshold=threshold, warmup_steps=0, estimate_fp8=fp8, **common)
-    return session, value if kind == "fixed" else None
+        return xattn_video.enable(model, threshold=0.9, warmup_steps=10**9, **common)
+    if kind == "xattn":
+        return xattn_video.enable(model, threshold=value, warmup_steps=0, estimate_fp8=fp8, **common)
+    session = fixed_density_session_class()(value, threshold=0.9, warmup_steps=0, estimate_fp8=fp8, **common)
+    return session.attach([model])
 
 
 def pick_stock_backend(model, inputs, args, clock) -> list[dict]:
@@ -263,13 +277,12 @@ def run_variant(model, variant, inputs, args, clock, deadline, ref_out, expected
     out = None
     with torch.inference_mode():
         with first_block_only(model):  # warm-up on one block: the session counts that block's layer alone
-            session, fixed = enable_variant(model, variant, args)
-            with fixed_density(fixed):
-                model(**inputs)
+            session = enable_variant(model, variant, args)
+            model(**inputs)
             if session is not None:
                 session.detach()
-        session, fixed = enable_variant(model, variant, args)
-        with AttentionTimer(device) as timer, fixed_density(fixed):
+        session = enable_variant(model, variant, args)
+        with AttentionTimer(device) as timer:
             for i in range(args.repeats):
                 if i and time.monotonic() + 1.2 * steps[-1] / 1e3 > deadline:
                     row["repeats_cut"] = f"{i} of {args.repeats} (time budget)"
@@ -293,9 +306,14 @@ def run_variant(model, variant, inputs, args, clock, deadline, ref_out, expected
     median = statistics.median(steps)
     pick = min(range(len(steps)), key=lambda i: abs(steps[i] - median))
     row.update(
-        step_s=median / 1e3, steps_s=[s / 1e3 for s in steps], self_attention_s=self_ms[pick] / 1e3,
-        self_attention_share=self_ms[pick] / steps[pick], cross_attention_s=cross_ms[pick] / 1e3,
-        estimate_s=estimate_ms[pick] / 1e3, density=density[pick], finite=bool(torch.isfinite(out).all()),
+        step_s=median / 1e3,
+        steps_s=[s / 1e3 for s in steps],
+        self_attention_s=self_ms[pick] / 1e3,
+        self_attention_share=self_ms[pick] / steps[pick],
+        cross_attention_s=cross_ms[pick] / 1e3,
+        estimate_s=estimate_ms[pick] / 1e3,
+        density=density[pick],
+        finite=bool(torch.isfinite(out).all()),
         peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         kind="fixed-density" if variant.startswith("fixed-") else "measured",
     )
@@ -305,8 +323,11 @@ def run_variant(model, variant, inputs, args, clock, deadline, ref_out, expected
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| variant | kind | step s | self-attention s (share) | cross-attn s | estimate s | density | peak GiB "
-             "| vs stock | vs dense | rel err vs dense |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | kind | step s | self-attention s (share) | cross-attn s | estimate s | density | peak GiB "
+        "| vs stock | vs dense | rel err vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     base = {r["variant"].split("[")[0]: r["step_s"] for r in rows if "step_s" in r}
     for r in rows:
         if "step_s" not in r:
@@ -315,18 +336,28 @@ def markdown(rows: list[dict]) -> str:
         speed = [f"{base[b] / r['step_s']:.2f}x" if b in base else "-" for b in ("stock", "dense")]
         err = f"{r['rel_err_vs_dense']:.1e}" if "rel_err_vs_dense" in r else "-"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
-        lines.append(f"| {r['variant']} | {r['kind']} | {r['step_s']:.2f} | {r['self_attention_s']:.2f} "
-                     f"({100 * r['self_attention_share']:.0f}%) | {r['cross_attention_s']:.2f} | {r['estimate_s']:.2f} "
-                     f"| {r['density']:.3f} | {peak} | {speed[0]} | {speed[1]} | {err} |")
+        lines.append(
+            f"| {r['variant']} | {r['kind']} | {r['step_s']:.2f} | {r['self_attention_s']:.2f} "
+            f"({100 * r['self_attention_share']:.0f}%) | {r['cross_attention_s']:.2f} | {r['estimate_s']:.2f} "
+            f"| {r['density']:.3f} | {peak} | {speed[0]} | {speed[1]} | {err} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
-                        help="stock, dense, xattn-<threshold>, fixed-<density>; +fp8 for the float8 estimate")
-    parser.add_argument("--stock-backends", nargs="+", default=STOCK_BACKENDS,
-                        help="diffusers attention backends to try for stock (the fastest available is used)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=DEFAULT_VARIANTS,
+        help="stock, dense, xattn-<threshold>, fixed-<density>; +fp8 for the float8 estimate",
+    )
+    parser.add_argument(
+        "--stock-backends",
+        nargs="+",
+        default=STOCK_BACKENDS,
+        help="diffusers attention backends to try for stock (the fastest available is used)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="timed forwards per variant (median reported)")
     parser.add_argument("--stride", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=None, help="XAttention block size (default 128; tiny 32)")
@@ -374,14 +405,20 @@ def main(argv: list[str] | None = None) -> int:
     import xattn_video
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"# {device_name}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
-          f"xattn-video {xattn_video.__version__}", flush=True)
+    print(
+        f"# {device_name}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"xattn-video {xattn_video.__version__}",
+        flush=True,
+    )
     model = build_transformer(config, device, dtype, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     n_video = video_tokens(config, latent)
-    print(f"# WanTransformer3DModel {n_params / 1e9:.2f}B parameters, {dtype}, random weights, built in "
-          f"{time.monotonic() - t0:.1f} s; {n_video:,} video tokens, {text_tokens} text ({args.text_valid} "
-          "non-zero)", flush=True)
+    print(
+        f"# WanTransformer3DModel {n_params / 1e9:.2f}B parameters, {dtype}, random weights, built in "
+        f"{time.monotonic() - t0:.1f} s; {n_video:,} video tokens, {text_tokens} text ({args.text_valid} "
+        "non-zero)",
+        flush=True,
+    )
     inputs = make_inputs(config, latent, text_tokens, args.text_valid, device, dtype, seed=1)
     if args.tiny:
         err = check_against_plain_build(model, config, inputs)
@@ -391,8 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock(device)
     stock_rows = pick_stock_backend(model, inputs, args, clock)
     for r in stock_rows:
-        print(f"  stock backend {r['backend']:>18}: " + (f"first block {r['first_block_ms']:.1f} ms"
-                                                           if "first_block_ms" in r else r["error"]), flush=True)
+        print(
+            f"  stock backend {r['backend']:>18}: "
+            + (f"first block {r['first_block_ms']:.1f} ms" if "first_block_ms" in r else r["error"]),
+            flush=True,
+        )
     rows, ref_out = [], None
     # stock first (the attention share of a plain step), then dense (the reference of the output comparison)
     order = sorted(args.variants, key=lambda v: (v != "stock", v != "dense"))
@@ -411,9 +451,12 @@ def main(argv: list[str] | None = None) -> int:
             row["_out"] = out
         rows.append(row)
         if "step_s" in row:
-            print(f"  {row['variant']:>24}: forward {row['step_s']:.2f} s, self-attention "
-                  f"{row['self_attention_s']:.2f} s ({100 * row['self_attention_share']:.0f}%), cross "
-                  f"{row['cross_attention_s']:.3f} s, density {row['density']:.3f}", flush=True)
+            print(
+                f"  {row['variant']:>24}: forward {row['step_s']:.2f} s, self-attention "
+                f"{row['self_attention_s']:.2f} s ({100 * row['self_attention_share']:.0f}%), cross "
+                f"{row['cross_attention_s']:.3f} s, density {row['density']:.3f}",
+                flush=True,
+            )
         else:
             print(f"  {row['variant']:>24}: {row.get('skipped') or row.get('error')}", flush=True)
     for r in rows:
@@ -424,11 +467,23 @@ def main(argv: list[str] | None = None) -> int:
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
-            json.dump(dict(device=device_name, torch=torch.__version__, diffusers=diffusers.__version__,
-                           time=time.strftime("%Y-%m-%d %H:%M:%S"), parameters=n_params, video_tokens=n_video,
-                           config={k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
-                           args=vars(args), stock_backends=stock_rows, rows=rows, wall_s=time.monotonic() - t0),
-                      f, indent=1)
+            json.dump(
+                dict(
+                    device=device_name,
+                    torch=torch.__version__,
+                    diffusers=diffusers.__version__,
+                    time=time.strftime("%Y-%m-%d %H:%M:%S"),
+                    parameters=n_params,
+                    video_tokens=n_video,
+                    config={k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+                    args=vars(args),
+                    stock_backends=stock_rows,
+                    rows=rows,
+                    wall_s=time.monotonic() - t0,
+                ),
+                f,
+                indent=1,
+            )
         print(f"# wrote {path}", flush=True)
     return 0 if all("step_s" in r or "skipped" in r for r in rows) else 1
 

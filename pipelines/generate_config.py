@@ -73,7 +73,7 @@ attention:                  # shared by every xattn variant unless the variant s
   backend: auto             # auto | triton | flex | torch
   estimate_fp8: false       # score blocks on float8 copies of q/k: ~2x faster estimate on Hopper
   min_len: null             # xattn backend (every family but HunyuanVideo): self-attention shorter than this runs
-                            # native (null: the backend's default, 4096 tokens)
+                            # native (null: the backend's default, 12288 tokens)
   select: null              # run only these variants (list of names); null: all
   variants:                 # name -> settings; one output folder each
     dense: {mode: dense}

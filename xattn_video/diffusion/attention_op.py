@@ -29,14 +29,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..core.attention import _Timer, run_xattn
+from ..core.attention import PendingStats, _per_head_total, _sparse_attention, _Timer
 from ..core.estimate import checked_config
 from ..core.inputs import MAX_HEAD_DIM, SUPPORTED_DTYPES
 from . import _diffusers_private as private
 from .stats import blocks
 from .steps import StepPosition, tensor_version
 
-__all__ = ["ForwardState", "activate", "active", "analyse_mask", "deactivate", "outside_calls"]
+__all__ = ["ForwardState", "activate", "active", "analyse_mask", "deactivate", "outside_calls", "sparse_valid"]
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,8 @@ def xattn_dispatch(
             reason = "mask"
     if reason is not None:
         store.count_native(reason)
+        if session.probe is not None:
+            session.probe.native(reason, n)
         timer = _Timer(query.device, enabled=True)
         out = _native(query, key, value, attn_mask, scale, enable_gqa)
         timer.mark()
@@ -236,14 +238,17 @@ def _attend_valid(session, query, key, value, lengths, see_keys, dense, scale, s
             o[index, :, : rows.shape[2]] = F.scaled_dot_product_attention(rows, kg, vg, scale=scale, enable_gqa=gqa)
             timer.mark()
             timers.append(timer)
+            if session.probe is not None:  # report mode only
+                session.probe.dense(session, state.position, layer, qg, kg, vg, o[index, :, :length], scale)
             kept += blocks(length, block_size) ** 2 * heads * count
             total += blocks(length, block_size) ** 2 * heads * count
         else:
-            config = checked_config(qg, kg, vg, session.config)
             target = o[index, :, :length]
-            result, pending = run_xattn(qg, kg, vg, config, scale=scale, out=target, timed=True)
+            result, pending = sparse_valid(session, qg, kg, vg, scale, target)
             if result is not target:
                 target.copy_(result)
+            if session.probe is not None:  # report mode only
+                session.probe.sparse(state.position, layer, qg, kg, vg, target, pending, scale)
             total += pending.total_blocks
             timers.append(pending)  # kept blocks and times are read when the statistics are
             if length < n and see_keys:  # padded query rows: dense over the valid keys, exactly as native
@@ -255,3 +260,19 @@ def _attend_valid(session, query, key, value, lengths, see_keys, dense, scale, s
     mode = "dense" if dense else "sparse"
     session.stats_store.record(state.position, layer, mode, kept, total, 0.0, 0.0, timers)
     return out
+
+
+def sparse_valid(session, q, k, v, scale: float | None, out: torch.Tensor | None):
+    """XAttention over one valid segment (q/k/v [B, H, L, D], no mask) with the session's block choice
+    (:meth:`~.backend.XAttnSession.select_blocks`, by default the antidiagonal estimate, as
+    :func:`~xattn_video.xattn_attention`); writes into ``out`` when given. Returns the output and its
+    :class:`PendingStats` (estimate and attention timed, read after the forward)."""
+    config = checked_config(q, k, v, session.config)
+    timer = _Timer(q.device, enabled=True)
+    selection = session.select_blocks(q, k, scale=scale)
+    timer.mark()
+    attend = _sparse_attention(config.backend)
+    result = attend(q, k, v, selection, block_size=config.block_size, causal=False, scale=scale, out=out)
+    timer.mark()
+    kept_per_head = selection.kv_count.sum(-1).float()
+    return result, PendingStats(kept_per_head, _per_head_total(selection, causal=False), timer, config.backend)

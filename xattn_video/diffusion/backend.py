@@ -24,8 +24,10 @@ from collections.abc import Iterable
 import torch
 
 from ..core.config import XAttnConfig
+from ..core.estimate import BlockSelection, checked_config, estimate_blocks
 from . import _diffusers_private as private
 from .attention_op import count_native
+from .probe import AttentionProbe
 from .stats import StepStats, write_json_atomic
 from .step_hooks import HOOK_NAME, XAttnStepHook, register, steps_from_scheduler, unregister
 from .steps import StepPosition, StepTracker
@@ -34,11 +36,14 @@ __all__ = ["DEFAULT_MIN_LEN", "XAttnSession", "enable_backend", "register_xattn_
 
 logger = logging.getLogger(__name__)
 
-# Below this many tokens a self-attention call runs native. Attention at 4096 tokens is a small share of a video
-# DiT step (~a quarter of a 3072-wide layer's FLOPs) and only 32 blocks of 128 wide, so the estimate's fixed
-# launches would cost about what the skipped blocks save; real video lengths (HunyuanVideo 544x960: 67,576 tokens,
-# Wan 480p: 32,760) are far above it. A GPU measurement of the break-even point is still to come.
-DEFAULT_MIN_LEN = 4096
+# Below this many tokens a self-attention call runs native. Measured on an H200 (docs/benchmarks.md, "one
+# self-attention call by token count": 24 heads x 128, bf16, threshold 0.9): a sparse call took 1.37x native
+# SDPA's time at 8,192 tokens and 0.68x at 16,384, so the break-even lies between them, at about 11,200 tokens
+# interpolating the ratio log-log and 12,600 linearly. 12,288 (96 blocks of 128) sits in that range: every length
+# measured slower than native goes native, every length measured faster goes sparse, and a call between them is
+# within a few percent of native either way. Real video lengths are far above it (Wan 480p: 32,760 tokens,
+# HunyuanVideo 544x960: 67,576).
+DEFAULT_MIN_LEN = 12288
 
 _ATTENTION_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
 
@@ -152,6 +157,30 @@ class XAttnSession:
         self._transformers: list[torch.nn.Module] = []
         self._saved_backends: list[tuple[object, object]] = []
         self._warned: set[str] = set()
+        self.probe: AttentionProbe | None = None  # report mode (start_probe): read by the attention op
+
+    # ----------------------------------------------------------------- block choice and report mode
+
+    def select_blocks(self, q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None) -> BlockSelection:
+        """The key blocks XAttention keeps for one valid segment (q/k ``[B, H, L, D]``, no mask): the antidiagonal
+        estimate with this session's parameters. The override point for another block choice (a subclass, e.g.
+        benchmarks' fixed densities); it runs inside the attention op, at run time, so compiled graphs are
+        unaffected. Called on sparse calls and by the report mode's probe."""
+        return estimate_blocks(q, k, checked_config(q, k, None, self.config), scale=scale)
+
+    def start_probe(self, probe_dense: bool = True) -> AttentionProbe:
+        """Report mode (``xattn-video attn-report``): from now on every sparse call also computes dense attention
+        over the same valid segment and records per-head density and relative error, and with ``probe_dense``
+        every dense call (warmup steps, ``dense_layers``) gets an XAttention probe beside it (see
+        :mod:`.probe`). Slow (a second attention per layer, a device sync per call): for measurements only. The
+        outputs are unchanged. Returns the :class:`~.probe.AttentionProbe` holding the records."""
+        self.probe = AttentionProbe(probe_dense)
+        return self.probe
+
+    def stop_probe(self) -> AttentionProbe | None:
+        """Leave report mode; returns the probe that recorded (None if none was started)."""
+        probe, self.probe = self.probe, None
+        return probe
 
     # ----------------------------------------------------------------- settings and statistics
 
