@@ -19,6 +19,11 @@ Variants (``--variants``):
   dense         XAttnProcessor on a dense (warmup) step: unmasked SDPA over the valid segment, cuDNN first
   xattn-T       XAttnProcessor at threshold T (stride ``--stride``) on a sparse step
   ...+fp8       the same with the float8 block estimate (``estimate_fp8=True``), e.g. fixed-0.35+fp8
+  ...@backend   dense, xattn-T and fixed-D through the ``xattn`` diffusers attention backend instead of the
+                processor (``xattn_video.enable(model, integration="backend")``: diffusers' stock processors
+                dispatching to the backend; fixed-D through the session's ``select_blocks`` override point, with
+                the same random blocks as the processor's fixed-D), e.g. ``dense@backend fixed-0.35@backend``:
+                which integration is faster for HunyuanVideo, and by how much
   fixed-D       FIXED DENSITY: XAttnProcessor with its block choice replaced by random blocks at density D (each
                 query-block row keeps round(D x blocks) random key blocks); the real estimate still runs and
                 is timed. Random weights give nearly
@@ -41,6 +46,7 @@ Needs torch with CUDA, triton, diffusers >= 0.42 and transformers; the project i
 
     python bench/e2e_hunyuan.py                                   # both sizes, all variants, 2 repeats
     python bench/e2e_hunyuan.py --sizes 544x960 --variants stock dense xattn-0.9 fixed-0.1 --repeats 3
+    python bench/e2e_hunyuan.py --sizes 720x1280 --variants dense dense@backend fixed-0.35 fixed-0.35@backend
     python bench/e2e_hunyuan.py --smoke                           # CPU smoke test of this script
 """
 
@@ -280,8 +286,50 @@ def fixed_density_processor_class():
     return FixedDensityProcessor
 
 
+def fixed_density_session_class():
+    """The backend's counterpart of FixedDensityProcessor: an :class:`XAttnSession` whose ``select_blocks`` override
+    returns random blocks at a fixed density (the same blocks for the same shape), after running the real
+    estimate, which is timed."""
+    from xattn_video.diffusion.backend import XAttnSession
+    from xattn_video.testing.synthetic import random_block_selection
+
+    class FixedDensitySession(XAttnSession):
+        def __init__(self, density: float, **settings):
+            super().__init__(**settings)
+            if not 0 < density <= 1:
+                raise ValueError(f"density must be in (0, 1], got {density}")
+            self.density = density
+            self._selections: dict = {}
+
+        def select_blocks(self, q, k, *, scale=None):
+            super().select_blocks(q, k, scale=scale)  # its result is replaced, its cost kept
+            n_blocks = math.ceil(q.shape[2] / self.block_size)
+            key = (q.shape[0], q.shape[1], n_blocks, q.device)
+            if key not in self._selections:
+                self._selections[key] = random_block_selection(
+                    *key[:3], self.density, device=q.device, seed=1234 + n_blocks
+                )
+            return self._selections[key]
+
+    return FixedDensitySession
+
+
+BACKEND_SUFFIX = "@backend"
+
+
+def split_integration(name: str) -> tuple[str, str]:
+    """(variant name without the integration suffix, "processor" or "backend")."""
+    if name.endswith(BACKEND_SUFFIX):
+        return name[: -len(BACKEND_SUFFIX)], "backend"
+    return name, "processor"
+
+
 def parse_variant(name: str) -> tuple[str, float | None, bool]:
-    """(kind, threshold or density, float8 estimate) of a variant name."""
+    """(kind, threshold or density, float8 estimate) of a variant name (an ``@backend`` suffix is ignored here:
+    :func:`split_integration` reads it)."""
+    name, integration = split_integration(name)
+    if name == "stock" and integration == "backend":
+        raise ValueError("stock@backend is not a variant: stock is diffusers' own processors and backend")
     if name in ("stock", "dense"):
         return name, None, False
     base, fp8 = (name[: -len("+fp8")], True) if name.endswith("+fp8") else (name, False)
@@ -295,31 +343,50 @@ def parse_variant(name: str) -> tuple[str, float | None, bool]:
                 return prefix[:-1], value, fp8
     raise ValueError(
         f"unknown variant {name!r}: use stock, dense, xattn-<threshold>, fixed-<density> (0 < x <= 1), the last "
-        "two optionally with +fp8 (float8 estimate)"
+        "two optionally with +fp8 (float8 estimate), and all but stock optionally with @backend (the xattn backend)"
+    )
+
+
+def stock_processors(model) -> None:
+    """diffusers' own processors on every attention module of ``model``."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+
+    model.set_attn_processor(
+        {
+            name: AttnProcessor2_0() if name.startswith("context_embedder") else HunyuanVideoAttnProcessor2_0()
+            for name in model.attn_processors
+        }
     )
 
 
 def set_variant(model, variant: str, args):
-    """Put the variant's processors on ``model``; returns the XAttnProcessor (None for stock)."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-    from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
-
+    """Put the variant's processors (or the xattn backend) on ``model``; returns the XAttnProcessor or the backend's
+    XAttnSession (None for stock)."""
     import xattn_video
     from xattn_video.diffusion.steps import StepTracker
 
     kind, value, fp8 = parse_variant(variant)
+    integration = split_integration(variant)[1]
     tracker = StepTracker.of(model)
     if tracker is not None:
         tracker.detach()
     if kind == "stock":
-        model.set_attn_processor(
-            {
-                name: AttnProcessor2_0() if name.startswith("context_embedder") else HunyuanVideoAttnProcessor2_0()
-                for name in model.attn_processors
-            }
-        )
+        stock_processors(model)
         return None
     common = dict(stride=args.stride, block_size=128, backend=args.backend)
+    if integration == "backend":
+        if args.min_len is not None:
+            common["min_len"] = args.min_len
+        if kind == "dense":  # every forward repeats step 0: a warmup longer than any run keeps it dense
+            return xattn_video.enable(model, integration="backend", threshold=0.9, warmup_steps=10**9, **common)
+        if kind == "xattn":
+            return xattn_video.enable(
+                model, integration="backend", threshold=value, warmup_steps=0, estimate_fp8=fp8, **common
+            )
+        stock_processors(model)  # the backend runs under diffusers' own processors
+        session = fixed_density_session_class()(value, threshold=0.9, warmup_steps=0, estimate_fp8=fp8, **common)
+        return session.attach([model])
     if kind == "dense":  # every forward here is step 0 (same timestep and latents): warmup keeps it dense
         return xattn_video.enable(model, threshold=0.9, warmup_steps=1, **common)
     if kind == "xattn":
@@ -372,13 +439,27 @@ def expected_forward_s(variant: str, size: str, tokens: int, measured: dict) -> 
 
 def run_variant(model, variant, inputs, args, clock, deadline, expected_s, ref_out):
     """Warm up, then time up to ``args.repeats`` forwards; returns a result row and the first output."""
-    row = dict(variant=variant, kind="fixed-density" if variant.startswith("fixed-") else "measured")
-    device = inputs["hidden_states"].device
-    warm_up_s = 5.0 if variant in ("stock", "dense") else 20.0  # Triton compiles / autotunes at a new shape
+    row = dict(
+        variant=variant,
+        kind="fixed-density" if variant.startswith("fixed-") else "measured",
+        integration=split_integration(variant)[1],
+    )
+    warm_up_s = (
+        5.0 if split_integration(variant)[0] in ("stock", "dense") else 20.0
+    )  # Triton compiles / autotunes at a new shape
     if expected_s and time.monotonic() + 1.15 * expected_s + warm_up_s > deadline:
         row["skipped"] = f"skipped: time budget (a forward would take ~{expected_s:.0f} s)"
         return row, None
     proc = set_variant(model, variant, args)
+    try:
+        return _timed_forwards(model, proc, row, inputs, args, clock, deadline, ref_out)
+    finally:
+        if proc is not None:
+            proc.detach()
+
+
+def _timed_forwards(model, proc, row, inputs, args, clock, deadline, ref_out):
+    device = inputs["hidden_states"].device
     stock_timer = StockAttentionTimer(device) if proc is None else contextlib.nullcontext()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -425,8 +506,6 @@ def run_variant(model, variant, inputs, args, clock, deadline, expected_s, ref_o
     )
     if ref_out is not None:
         row["rel_err_vs_dense"] = rel_err(out, ref_out)
-    if proc is not None:
-        proc.detach()
     return row, out
 
 
@@ -444,6 +523,7 @@ def run_size(model, label, latent, args, config, device, dtype, clock, deadline,
     if args.dense_again and "dense" in order:
         order.append("dense")  # the baseline measured before and after the others: drift shows, and averages out
     ref_out = None
+    outputs: dict[str, torch.Tensor] = {}  # first output per variant: each @backend row is compared with its twin
     n_tokens = n_video + text_tokens
     for variant in order:
         expected = expected_forward_s(variant, label, n_tokens, measured)
@@ -456,19 +536,53 @@ def run_size(model, label, latent, args, config, device, dtype, clock, deadline,
         row.update(size=label, attention_check_rel_err=check_err if variant == "dense" else None, **tokens)
         if variant == "dense" and out is not None and ref_out is None:
             ref_out = out
+        if out is not None:
+            outputs.setdefault(variant, out)
+            base, integration = split_integration(variant)
+            twin = outputs.get(base if integration == "backend" else base + BACKEND_SUFFIX)
+            if twin is not None:  # the same attention through the other integration
+                row["rel_err_vs_other_integration"] = rel_err(out, twin)
         if "step_s" in row:
             measured[(label, variant)] = (row["step_s"], n_tokens)
             print(
                 f"  {variant:>12}: step {row['step_s']:.2f} s, attention {row['attention_s']:.2f} s "
                 f"({100 * row['attention_share']:.0f}%), density {row['density']:.3f}"
-                + (f", rel err vs dense {row['rel_err_vs_dense']:.2e}" if "rel_err_vs_dense" in row else ""),
+                + (f", rel err vs dense {row['rel_err_vs_dense']:.2e}" if "rel_err_vs_dense" in row else "")
+                + (
+                    f", vs the other integration {row['rel_err_vs_other_integration']:.2e}"
+                    if "rel_err_vs_other_integration" in row
+                    else ""
+                ),
                 flush=True,
             )
         else:
             print(f"  {variant:>12}: {row.get('skipped') or row.get('error')}", flush=True)
         rows.append(row)
-    del ref_out
+    del ref_out, outputs
     return rows
+
+
+def integration_comparison(rows: list[dict]) -> str:
+    """Per variant measured through both integrations: processor and backend step times and their ratio."""
+    steps: dict[tuple, list[float]] = {}
+    for r in rows:
+        if "step_s" in r:
+            base, integration = split_integration(r["variant"])
+            steps.setdefault((r["size"], base, integration), []).extend(r["steps_s"])
+    lines = []
+    for (size, base, integration), backend in steps.items():
+        processor = steps.get((size, base, "processor"))
+        if integration != "backend" or not processor:
+            continue
+        p, b = statistics.median(processor), statistics.median(backend)
+        lines.append(f"| {size} | {base} | {p:.2f} | {b:.2f} | {b / p:.3f}x | {100 * (b - p) / p:+.1f}% |")
+    if not lines:
+        return ""
+    head = [
+        "| size | variant | processor step s | backend step s | backend / processor | backend slower by |",
+        "|---|---|---|---|---|---|",
+    ]
+    return "\n".join(head + lines)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -505,7 +619,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=None, help=f"of {list(SIZES)} (default: both)")
     parser.add_argument(
-        "--variants", nargs="+", default=DEFAULT_VARIANTS,
+        "--variants",
+        nargs="+",
+        default=DEFAULT_VARIANTS,
         help="stock, dense, xattn-<threshold>, fixed-<density>; append +fp8 for the float8 estimate",
     )
     parser.add_argument("--repeats", type=int, default=2, help="timed forwards per variant (median reported)")
@@ -516,10 +632,14 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-s", type=float, default=520.0, help="start no forward that would end after this many seconds"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--min-len", type=int, default=None, help="the xattn backend's min_len (@backend variants; default its own)"
+    )
     parser.add_argument("--json", default=None, help="JSON output path (default $OUT/e2e_hunyuan.json if $OUT)")
     parser.add_argument("--smoke", action="store_true", help="CPU smoke test: narrow model, tiny grid, float32")
     parser.add_argument(
-        "--dense-again", action="store_true",
+        "--dense-again",
+        action="store_true",
         help="measure dense again after the other variants; ratios use the median of all dense forwards",
     )
     args = parser.parse_args(argv)
@@ -570,20 +690,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     model = build_transformer(config, device, dtype, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"# HunyuanVideoTransformer3DModel, {n_params / 1e9:.2f}B parameters, {dtype}, random weights, "
-          f"built in {time.monotonic() - t0:.1f} s", flush=True)
+    print(
+        f"# HunyuanVideoTransformer3DModel, {n_params / 1e9:.2f}B parameters, {dtype}, random weights, "
+        f"built in {time.monotonic() - t0:.1f} s",
+        flush=True,
+    )
     clock = Clock(device)
     rows: list[dict] = []
     measured: dict = {}
     for name in names:
-        rows += run_size(
-            model, name, sizes[name], args, config, device, dtype, clock, deadline, text_tokens, measured
-        )
+        rows += run_size(model, name, sizes[name], args, config, device, dtype, clock, deadline, text_tokens, measured)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     print()
     print(markdown(rows))
+    comparison = integration_comparison(rows)
+    if comparison:
+        print("\nHunyuanVideo processor vs the xattn backend (median of every forward of each):\n" + comparison)
     print(
         "\nfixed-density rows: the block choice is replaced by random blocks at that density, the estimate still "
         "runs (random weights do not give a real model's sparsity). step: median transformer forward; "
