@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..core.attention import PendingStats, _per_head_total, _sparse_attention, _Timer
 from ..core.estimate import checked_config
 from ..core.inputs import MAX_HEAD_DIM, SUPPORTED_DTYPES
+from ..core.token_order import TokenOrder, tiled_order
 from . import _diffusers_private as private
 from .stats import blocks
 from .steps import StepPosition, tensor_version
@@ -49,6 +50,7 @@ class ForwardState:
     position: StepPosition
     dense_step: bool
     self_calls: int = 0  # self-attention calls so far in this forward: the next one is layer `self_calls`
+    grid: tuple[int, int, int] | None = None  # the video token grid, when the session's token order is "tiled"
 
 
 _ACTIVE: list[ForwardState | None] = [None]
@@ -239,12 +241,14 @@ def _attend_valid(session, query, key, value, lengths, see_keys, dense, scale, s
             timer.mark()
             timers.append(timer)
             if session.probe is not None:  # report mode only
-                session.probe.dense(session, state.position, layer, qg, kg, vg, o[index, :, :length], scale)
+                order = _token_order(session, state, length, q.device)
+                session.probe.dense(session, state.position, layer, qg, kg, vg, o[index, :, :length], scale, order)
             kept += blocks(length, block_size) ** 2 * heads * count
             total += blocks(length, block_size) ** 2 * heads * count
         else:
             target = o[index, :, :length]
-            result, pending = sparse_valid(session, qg, kg, vg, scale, target)
+            order = _token_order(session, state, length, q.device)
+            result, pending = sparse_valid(session, qg, kg, vg, scale, target, order)
             if result is not target:
                 target.copy_(result)
             if session.probe is not None:  # report mode only
@@ -262,11 +266,21 @@ def _attend_valid(session, query, key, value, lengths, see_keys, dense, scale, s
     return out
 
 
-def sparse_valid(session, q, k, v, scale: float | None, out: torch.Tensor | None):
+def sparse_valid(session, q, k, v, scale: float | None, out: torch.Tensor | None, order: TokenOrder | None = None):
     """XAttention over one valid segment (q/k/v [B, H, L, D], no mask) with the session's block choice
     (:meth:`~.backend.XAttnSession.select_blocks`, by default the antidiagonal estimate, as
-    :func:`~xattn_video.xattn_attention`); writes into ``out`` when given. Returns the output and its
-    :class:`PendingStats` (estimate and attention timed, read after the forward)."""
+    :func:`~xattn_video.xattn_attention`); writes into ``out`` when given. With ``order`` (tiled token order) the
+    video tokens (the first ``order.n_video`` of the segment; text after them stays in place) are gathered into
+    that order first and the output scattered back: exact apart from the block choice. Returns the output and
+    its :class:`PendingStats` (estimate and attention timed, read after the forward)."""
+    if order is not None:
+        q, k, v = (order.permute(t, dim=2) for t in (q, k, v))
+        result, pending = sparse_valid(session, q, k, v, scale, None)
+        result = order.unpermute(result, dim=2)
+        if out is None:
+            return result, pending
+        out.copy_(result)
+        return out, pending
     config = checked_config(q, k, v, session.config)
     timer = _Timer(q.device, enabled=True)
     selection = session.select_blocks(q, k, scale=scale)
@@ -276,3 +290,18 @@ def sparse_valid(session, q, k, v, scale: float | None, out: torch.Tensor | None
     timer.mark()
     kept_per_head = selection.kv_count.sum(-1).float()
     return result, PendingStats(kept_per_head, _per_head_total(selection, causal=False), timer, config.backend)
+
+
+def _token_order(session, state: ForwardState, length: int, device: torch.device) -> TokenOrder | None:
+    """The tiled order of this forward's video grid for a valid segment of ``length`` tokens (None in raster
+    order). The video tokens must come first in the self-attention sequence (Wan, SkyReels-V2, HunyuanVideo and
+    HunyuanVideo 1.5 put text after them); a segment shorter than the grid is an error, not a silent raster run."""
+    if state.grid is None:
+        return None
+    n_video = state.grid[0] * state.grid[1] * state.grid[2]
+    if length < n_video:
+        raise RuntimeError(
+            f"xattn token_order='tiled': the latents give a {state.grid} grid of {n_video} video tokens, but this "
+            f"self-attention call's valid segment has {length} tokens; tiled order needs the video tokens first"
+        )
+    return tiled_order(state.grid, session.tile, device=device)

@@ -25,6 +25,7 @@ import torch
 
 from ..core.config import XAttnConfig
 from ..core.estimate import BlockSelection, checked_config, estimate_blocks
+from ..core.token_order import check_tile, check_token_order, default_tile
 from . import _diffusers_private as private
 from .attention_op import count_native
 from .probe import AttentionProbe
@@ -120,6 +121,13 @@ class XAttnSession:
             pipeline at each generation's first forward); not both.
         dense_layers: layer (transformer block) indices kept dense at every step.
         min_len: self-attention calls with fewer tokens run native (default :data:`DEFAULT_MIN_LEN`).
+        token_order: "raster" (the model's order) or "tiled": on sparse calls the video tokens of q, k and v are
+            gathered into 3D tiles of ``tile`` before the estimate and the attention and the output scattered back
+            (text tokens after the video stay in place; see :mod:`xattn_video.core.token_order`). The grid comes
+            from the transformer's input latents [B, C, F, H, W] (LTX-Video: its num_frames/height/width
+            arguments) and its ``config.patch_size`` (and ``patch_size_t``), read by the step hook. Exact apart
+            from the block choice; dense calls stay raster.
+        tile: (frames, height, width) of a tile with ``token_order="tiled"``; default one block, (2, 8, 8) for 128.
     """
 
     def __init__(
@@ -133,8 +141,12 @@ class XAttnSession:
         backend: str = "auto",
         estimate_fp8: bool = False,
         min_len: int = DEFAULT_MIN_LEN,
+        token_order: str = "raster",
+        tile: tuple[int, int, int] | None = None,
     ) -> None:
         self.config = XAttnConfig(threshold, stride, block_size, False, backend, estimate_fp8)
+        self.token_order = check_token_order(token_order)
+        self.tile = default_tile(block_size) if tile is None else check_tile(tile)
         if warmup_steps is not None and warmup_fraction is not None:
             raise ValueError("warmup_steps and warmup_fraction: pass one of them, not both")
         self.warmup_steps = _check_nonneg_int("warmup_steps", 0 if warmup_steps is None else warmup_steps)
@@ -202,6 +214,8 @@ class XAttnSession:
             "backend": self.backend,
             "estimate_fp8": self.estimate_fp8,
             "min_len": self.min_len,
+            "token_order": self.token_order,
+            "tile": list(self.tile),
         }
 
     def __repr__(self) -> str:
@@ -287,6 +301,9 @@ class XAttnSession:
         register_xattn_backend()
         layers = [_count_layers(t) for t in transformers]
         self.num_layers = layers[0] if len(set(layers)) == 1 else None
+        if self.token_order == "tiled":
+            for transformer in transformers:
+                _check_patch(transformer)
         bad = sorted(i for i in self.dense_layers if i >= min(layers))
         if bad:
             raise ValueError(
@@ -334,6 +351,18 @@ def _hook_of(transformer: torch.nn.Module) -> XAttnStepHook | None:
     registry = getattr(transformer, "_diffusers_hook", None)
     hook = registry.get_hook(HOOK_NAME) if registry is not None else None
     return hook if isinstance(hook, XAttnStepHook) else None
+
+
+def _check_patch(transformer: torch.nn.Module) -> None:
+    """token_order="tiled" needs the video grid: a patch size in the config (the step hook reads the rest)."""
+    config = getattr(transformer, "config", None)
+    patch = getattr(config, "patch_size", None)
+    ok = isinstance(patch, int) or (isinstance(patch, (tuple, list)) and len(patch) == 3)
+    if not ok:
+        raise ValueError(
+            f"token_order='tiled' needs config.patch_size to find the video grid; {type(transformer).__name__} has "
+            f"{patch!r}: use token_order='raster'"
+        )
 
 
 def _count_layers(transformer: torch.nn.Module) -> int:

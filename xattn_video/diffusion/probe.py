@@ -135,15 +135,16 @@ class AttentionProbe:
         ref = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
         self._cell(position, layer, False).actual.add(pending.resolve().density_per_head, out, ref)
 
-    def dense(self, session, position, layer: int, q, k, v, out, scale: float | None) -> None:
+    def dense(self, session, position, layer: int, q, k, v, out, scale: float | None, order=None) -> None:
         """A dense call on one valid segment (``out`` its exact output): recorded exact, and probed with
-        XAttention through the session's own sparse path (its ``select_blocks``) when ``probe_dense``."""
+        XAttention through the session's own sparse path (its ``select_blocks``, its token ``order``) when
+        ``probe_dense``."""
         cell = self._cell(position, layer, True)
         cell.actual.add(q.new_ones(q.shape[0], q.shape[1]), out, out)  # exact: density 1, error 0
         if self.probe_dense:
             from .attention_op import sparse_valid
 
-            probe, pending = sparse_valid(session, q, k, v, scale, None)
+            probe, pending = sparse_valid(session, q, k, v, scale, None, order)
             cell.probe.add(pending.resolve().density_per_head, probe, out)
 
     def report_steps(self) -> list[dict]:

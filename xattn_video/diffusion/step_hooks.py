@@ -30,6 +30,7 @@ import inspect
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from ..core.token_order import grid_from_latents
 from . import _diffusers_private as private
 from .attention_op import ForwardState, activate, deactivate
 
@@ -47,13 +48,13 @@ class XAttnStepHook(ModelHook):
         super().__init__()
         params = list(inspect.signature(transformer.forward).parameters)
         if "timestep" not in params:
-            raise TypeError(
-                f"{type(transformer).__name__}.forward has no `timestep` argument: steps cannot be tracked"
-            )
+            raise TypeError(f"{type(transformer).__name__}.forward has no `timestep` argument: steps cannot be tracked")
         self.session = session
         self.state_manager = state_manager  # shared by the pipeline's hooks; diffusers sets its cache context
         self._timestep_index = params.index("timestep")
         self._latents_index = params.index("hidden_states") if "hidden_states" in params else None
+        config = getattr(transformer, "config", None)
+        self.patch = (getattr(config, "patch_size", None), getattr(config, "patch_size_t", None))
         self.last_state: ForwardState | None = None
 
     @torch.compiler.disable
@@ -80,9 +81,30 @@ class XAttnStepHook(ModelHook):
             given = getattr(context, "num_inference_steps", None) if step_index is not None else None
             self.session.start_generation(position, given)
         state = ForwardState(self.session, position, self.session.is_dense_step(position))
+        if self.session.token_order == "tiled":
+            state.grid = self._grid(module, latents, kwargs)
         self.last_state = state
         activate(state)
         return args, kwargs
+
+    def _grid(self, module, latents, kwargs: dict) -> tuple[int, int, int]:
+        """The video token grid of this forward (token_order="tiled"): latents [B, C, F, H, W] over the
+        transformer's patch sizes, or, for a transformer fed packed tokens [B, N, C] (LTX-Video), its
+        ``num_frames``, ``height`` and ``width`` arguments over them."""
+        patch_size, patch_size_t = self.patch
+        patch_size_t = 1 if patch_size_t is None else patch_size_t
+        if isinstance(latents, torch.Tensor) and latents.dim() == 5:
+            return grid_from_latents(latents.shape, patch_size, patch_size_t)
+        sizes = [kwargs.get(name) for name in ("num_frames", "height", "width")]
+        if isinstance(latents, torch.Tensor) and latents.dim() == 3 and all(isinstance(x, int) for x in sizes):
+            grid = grid_from_latents((1, 1, *sizes), patch_size, patch_size_t)
+            if grid[0] * grid[1] * grid[2] == latents.shape[1]:
+                return grid
+        shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(
+            f"token_order='tiled' needs {type(module).__name__}'s video grid: hidden_states as latents [B, C, F, H, "
+            f"W], or packed tokens with num_frames/height/width keyword arguments that match them; got {shape}"
+        )
 
     @torch.compiler.disable
     def post_forward(self, module, output):
