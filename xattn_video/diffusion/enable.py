@@ -1,8 +1,10 @@
 """``xattn_video.enable(pipe, **settings)``: XAttention on a supported diffusers video pipeline.
 
-HunyuanVideo keeps its dedicated processor by default (``integration="processor"``: measured 1.28-1.37x faster
-than stock diffusers on dense steps alone, see the README); every other supported model, and HunyuanVideo with
-``integration="backend"``, gets the ``xattn`` attention backend with the step hooks (:mod:`.backend`).
+HunyuanVideo keeps its dedicated processor by default (``integration="processor"``: 1.28-1.37x faster than stock
+diffusers on dense steps alone, see the README); every other supported model, and HunyuanVideo with
+``integration="backend"``, gets the ``xattn`` attention backend with the step hooks (:mod:`.backend`). On
+HunyuanVideo 720p the two integrations measured equally fast (the backend 0.8-1.0% shorter a step on an H100, within
+the run-to-run spread; docs/benchmarks.md).
 
 Supported: pipelines whose transformer's attention processors call diffusers' ``dispatch_attention_fn``. CogVideoX
 and Mochi call ``F.scaled_dot_product_attention`` directly, so no backend reaches them: they, and any pipeline
