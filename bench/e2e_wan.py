@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e_hunyuan import Clock, import_project, parse_variant, rel_err  # noqa: E402
+from e2e_hunyuan import Clock, fixed_density_session_class, import_project, parse_variant, rel_err  # noqa: E402
 
 WAN21_14B = dict(
     patch_size=(1, 2, 2),
@@ -188,33 +188,6 @@ class AttentionTimer:
         ms = [(a.elapsed_time(b) if self.clock.cuda else (b - a) * 1e3, is_self) for is_self, a, b in self.calls]
         self.calls = []
         return sum(t for t, s in ms if s), sum(t for t, s in ms if not s)
-
-
-def fixed_density_session_class():
-    """An :class:`XAttnSession` whose block choice is random blocks at a fixed density (benchmarks only), through
-    the session's ``select_blocks`` override point; the real estimate still runs, and is timed."""
-    from xattn_video.diffusion.backend import XAttnSession
-    from xattn_video.testing.synthetic import random_block_selection
-
-    class FixedDensitySession(XAttnSession):
-        def __init__(self, density: float, **settings):
-            super().__init__(**settings)
-            if not 0 < density <= 1:
-                raise ValueError(f"density must be in (0, 1], got {density}")
-            self.density = density
-            self._selections: dict = {}
-
-        def select_blocks(self, q, k, *, scale=None):
-            super().select_blocks(q, k, scale=scale)  # its result is replaced, its cost kept
-            n_blocks = math.ceil(q.shape[2] / self.block_size)
-            key = (q.shape[0], q.shape[1], n_blocks, q.device)
-            if key not in self._selections:
-                self._selections[key] = random_block_selection(
-                    *key[:3], self.density, device=q.device, seed=1234 + n_blocks
-                )
-            return self._selections[key]
-
-    return FixedDensitySession
 
 
 # ---------------------------------------------------------------------------------------------- variants
