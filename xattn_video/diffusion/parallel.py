@@ -1,0 +1,169 @@
+"""The ``xattn`` backend under diffusers' context parallelism: Ulysses, through diffusers' own templated attention.
+
+Under Ulysses (``ContextParallelConfig(ulysses_degree=P)`` and ``enable_parallelism``) each rank holds 1/P of the
+sequence. diffusers' templated context-parallel attention exchanges q/k/v by all-to-all so that every rank holds
+the *whole* sequence for H/P heads, calls a backend's forward op there, and exchanges the output back. XAttention
+(estimate and block-sparse attention) is per head and needs nothing else, so the forward op here is the
+``xattn_video::attention`` op itself, unchanged: each rank counts its own layers and steps (its forwards make the
+same calls as a single process's) and records its own heads' statistics.
+
+What is refused, with one line:
+
+- ring attention (``ring_degree > 1``): a ring rank holds 1/P of the keys, and the estimate needs each query
+  row's attention mass over *all* keys to choose its blocks;
+- a head count that the Ulysses degree does not divide, unless diffusers' ``ulysses_anything=True`` is set
+  (diffusers then pads heads, and the last rank runs XAttention on fewer heads).
+
+Sequence order: when a model's plan shards a sequence made of two parts (HunyuanVideo: video tokens then text
+tokens, each part split across ranks), the gathered sequence arrives interleaved, ``[video_0, text_0, video_1,
+text_1, ...]``. The plan declares the text length with :func:`sequence_layout`; the forward op then puts q/k/v
+(and a full-length mask) back in video-then-text order before XAttention and the output back after, so the
+estimate sees exactly the single-process sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from . import _diffusers_private as private
+from .attention_op import count_native
+
+__all__ = ["check_parallel_config", "parallel_attention", "sequence_layout", "split_sizes", "to_natural_order"]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    tail: int  # tokens of the second part (text) in the whole sequence; each part is split across the ranks
+
+
+_LAYOUT: list[_Layout | None] = [None]
+
+
+@contextlib.contextmanager
+def sequence_layout(tail: int) -> Iterator[None]:
+    """While open, sharded self-attention sequences are ``[head part, tail part]`` with ``tail`` tokens in the
+    tail, each part split across the Ulysses ranks as ``tensor_split`` does (set by a model's parallel plan)."""
+    previous = _LAYOUT[0]
+    _LAYOUT[0] = _Layout(int(tail))
+    try:
+        yield
+    finally:
+        _LAYOUT[0] = previous
+
+
+def split_sizes(n: int, parts: int) -> list[int]:
+    """Lengths of ``torch.tensor_split(x, parts)`` along a dim of ``n`` (what diffusers' sharders give; equal when
+    ``parts`` divides ``n``)."""
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def to_natural_order(total: int, tail: int, parts: int, device=None) -> torch.Tensor:
+    """Index that takes an interleaved sequence ``[head_0, tail_0, head_1, tail_1, ...]`` (``parts`` ranks, each part
+    split as :func:`split_sizes`) to ``[head, tail]``: ``natural = interleaved[:, index]``."""
+    head_sizes, tail_sizes = split_sizes(total - tail, parts), split_sizes(tail, parts)
+    heads, tails, start = [], [], 0
+    for h, t in zip(head_sizes, tail_sizes):
+        heads.append(torch.arange(start, start + h, device=device))
+        tails.append(torch.arange(start + h, start + h + t, device=device))
+        start += h + t
+    return torch.cat(heads + tails)
+
+
+def check_parallel_config(parallel_config, heads: int | None = None) -> None:
+    """One-line errors for what the ``xattn`` backend does not run under (see the module); ``parallel_config``: a
+    diffusers ``ParallelConfig`` or ``ContextParallelConfig``."""
+    cp = parallel_config if hasattr(parallel_config, "ulysses_degree") else None
+    cp = cp or getattr(parallel_config, "context_parallel_config", None)
+    if cp is None:
+        raise ValueError(
+            "the xattn backend runs under context parallelism only (ContextParallelConfig(ulysses_degree=P)); "
+            f"got {type(parallel_config).__name__} without a context_parallel_config"
+        )
+    if cp.ring_degree > 1:
+        raise ValueError(
+            f"ring_degree={cp.ring_degree} is not supported by the xattn backend: its estimate needs each query "
+            "row's attention mass over all keys, which a ring rank does not hold; use ulysses_degree=P, ring_degree=1"
+        )
+    if heads is not None and heads % cp.ulysses_degree and not cp.ulysses_anything:
+        raise ValueError(
+            f"ulysses_degree={cp.ulysses_degree} does not divide the {heads} attention heads: choose a divisor of "
+            f"{heads}, or ContextParallelConfig(ulysses_degree={cp.ulysses_degree}, ulysses_anything=True) "
+            "(diffusers pads the heads)"
+        )
+
+
+def _forward_op(
+    ctx,
+    query,
+    key,
+    value,
+    attn_mask,
+    dropout_p,
+    is_causal,
+    scale,
+    enable_gqa,
+    return_lse,
+    _save_ctx=True,
+    _parallel_config=None,
+):
+    """diffusers' forward-op signature around ``xattn_video::attention``; q/k/v ``[B, S, H/P, D]`` after the
+    all-to-all."""
+    layout = _LAYOUT[0]
+    n = query.shape[1]
+    if layout is None or layout.tail == 0 or key.shape[1] != n:
+        return torch.ops.xattn_video.attention(query, key, value, attn_mask, scale, enable_gqa)
+    parts = _parallel_config.context_parallel_config.ulysses_degree
+    index = to_natural_order(n, layout.tail, parts, device=query.device)
+    query, key, value = (t.index_select(1, index) for t in (query, key, value))
+    if attn_mask is not None and attn_mask.shape[-1] == n:
+        attn_mask = attn_mask.index_select(-1, index)
+        if attn_mask.dim() == 4 and attn_mask.shape[-2] == n:
+            attn_mask = attn_mask.index_select(-2, index)
+    out = torch.ops.xattn_video.attention(query, key, value, attn_mask, scale, enable_gqa)
+    return torch.empty_like(out).index_copy_(1, index, out)
+
+
+def parallel_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    return_lse: bool,
+    parallel_config,
+) -> torch.Tensor:
+    """The ``xattn`` backend's call under context parallelism: q/k/v ``[B, S/P, H, D]`` (this rank's tokens)."""
+    check_parallel_config(parallel_config, query.shape[2])
+    reason = None
+    if return_lse:
+        reason = "return_lse"
+    elif dropout_p > 0.0:
+        reason = "dropout"
+    elif is_causal:
+        reason = "causal"
+    elif torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        reason = "grad"
+    if reason is not None:  # diffusers' native backend runs its own context-parallel attention
+        count_native(reason)
+        return private.native_backend()(
+            query=query,
+            key=key,
+            value=value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+            return_lse=return_lse,
+            _parallel_config=parallel_config,
+        )
+    return private.templated_context_parallel_attention(
+        query, key, value, attn_mask, scale, forward_op=_forward_op, parallel_config=parallel_config
+    )
