@@ -66,7 +66,7 @@ def to_natural_order(total: int, tail: int, parts: int, device=None) -> torch.Te
     split as :func:`split_sizes`) to ``[head, tail]``: ``natural = interleaved[:, index]``."""
     head_sizes, tail_sizes = split_sizes(total - tail, parts), split_sizes(tail, parts)
     heads, tails, start = [], [], 0
-    for h, t in zip(head_sizes, tail_sizes):
+    for h, t in zip(head_sizes, tail_sizes, strict=True):
         heads.append(torch.arange(start, start + h, device=device))
         tails.append(torch.arange(start + h, start + h + t, device=device))
         start += h + t

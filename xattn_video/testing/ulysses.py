@@ -76,7 +76,7 @@ def _run(model, inputs: dict, device: str) -> tuple[list[torch.Tensor], list[flo
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        outs.append(out.float().cpu())
+        outs.append(out.float().cpu().clone())  # clone: an op, so a gathered output is waited for
     return outs, times
 
 
@@ -100,13 +100,17 @@ def compare_case(
     text_tokens: int = 16,
     text_pad: int = 5,
     dtype: torch.dtype = torch.float32,
+    direct: bool = False,
     **cp_options,
 ) -> dict:
-    """One case in this process (``torch.distributed`` initialised): outputs and stats, single and parallel."""
+    """One case in this process (``torch.distributed`` initialised): outputs and stats, single and parallel.
+    ``direct``: call diffusers' ``model.enable_parallelism`` (the model's own plan) instead of ours;
+    ``cp_options``: more ``ContextParallelConfig`` arguments (``ring_degree``, ``ulysses_anything``)."""
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
 
     import xattn_video
+    from xattn_video.diffusion._diffusers_private import cpu_device_index
     from xattn_video.diffusion.parallel_plans import enable_parallelism
 
     world = dist.get_world_size()
@@ -119,7 +123,13 @@ def compare_case(
         if attention == "xattn":
             session = xattn_video.enable(model, integration="backend", **XATTN)
         if mode == "parallel":
-            enable_parallelism(model, ContextParallelConfig(ulysses_degree=world, **cp_options))
+            degrees = {"ulysses_degree": world} if "ring_degree" not in cp_options else {}
+            config = ContextParallelConfig(**degrees, **cp_options)
+            if direct:
+                with cpu_device_index():
+                    model.enable_parallelism(config=config)
+            else:
+                enable_parallelism(model, config)
         outs, times = _run(model, inputs, device)
         result[mode] = {"outputs": outs, "times": times}
         if session is not None:
