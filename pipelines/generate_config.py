@@ -84,6 +84,9 @@ output:
   keep_latents: false       # also save the final latents (<root>/meta/<variant>/<name>.latents.pt)
   crf: 18                   # H.264 constant rate factor: 0 lossless .. 51 worst
 progress: auto              # auto (bars on a terminal only) | true | false
+parallel:
+  ulysses: 1                # > 1: groups of this many processes make each video together (Ulysses sequence
+                            # parallelism; torchrun --nproc-per-node N, N a multiple of it)
 """
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -175,6 +178,11 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class ParallelSettings:
+    ulysses: int  # processes per video (1: one each, as without parallelism)
+
+
+@dataclass(frozen=True)
 class GenerateConfig:
     """A validated configuration; ``resolved`` is the merged mapping (what sidecars and config.yaml record)."""
 
@@ -186,6 +194,7 @@ class GenerateConfig:
     variants: tuple[Variant, ...]
     output: OutputConfig
     progress: str
+    parallel: ParallelSettings
     resolved: dict = field(compare=False, repr=False)
 
     @property
@@ -404,9 +413,14 @@ def _output(o: Any, vbench: bool) -> OutputConfig:
     )
 
 
+def _parallel(p: Any) -> ParallelSettings:
+    _check_keys(p, "parallel", ("ulysses",))
+    return ParallelSettings(ulysses=_int("parallel.ulysses", p["ulysses"], 1, 1024))
+
+
 def validate(resolved: dict) -> GenerateConfig:
     """Check a merged, resolved mapping and build the typed configuration."""
-    top = ("model", "video", "prompts", "seeds", "videos_per_prompt", "attention", "output", "progress")
+    top = ("model", "video", "prompts", "seeds", "videos_per_prompt", "attention", "output", "progress", "parallel")
     _check_keys(resolved, "", top)
     missing = [k for k in top if k not in resolved]
     if missing:
@@ -426,6 +440,7 @@ def validate(resolved: dict) -> GenerateConfig:
         variants=_variants(resolved["attention"]),
         output=_output(resolved["output"], vbench=prompts.vbench_file is not None),
         progress={True: "true", False: "false"}.get(progress, progress),
+        parallel=_parallel(resolved["parallel"]),
         resolved=resolved,
     )
 

@@ -88,6 +88,14 @@ def check_parallel_config(parallel_config, heads: int | None = None) -> None:
             f"ring_degree={cp.ring_degree} is not supported by the xattn backend: its estimate needs each query "
             "row's attention mass over all keys, which a ring rank does not hold; use ulysses_degree=P, ring_degree=1"
         )
+    if heads is not None and heads % cp.ulysses_degree and cp.ulysses_anything:
+        pad = cp.ulysses_degree - heads % cp.ulysses_degree
+        if pad >= (heads + pad) // cp.ulysses_degree:  # diffusers pads the last rank's heads only
+            raise ValueError(
+                f"ulysses_anything with ulysses_degree={cp.ulysses_degree} and {heads} heads needs {pad} padding "
+                f"heads, more than diffusers allows (fewer than {(heads + pad) // cp.ulysses_degree}); choose a "
+                "smaller degree"
+            )
     if heads is not None and heads % cp.ulysses_degree and not cp.ulysses_anything:
         raise ValueError(
             f"ulysses_degree={cp.ulysses_degree} does not divide the {heads} attention heads: choose a divisor of "

@@ -27,7 +27,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from . import _diffusers_private as private
 from .parallel import _LAYOUT, _Layout, check_parallel_config, to_natural_order
 
-__all__ = ["enable_parallelism", "hunyuan_video_cp_plan", "ulysses_config"]
+__all__ = ["enable_parallelism", "hunyuan_video_cp_plan", "restamp_parallel_config", "ulysses_config"]
 
 _TRANSFORMER_HOOK = "xattn_video_sequence_layout"
 _BLOCK_HOOK = "xattn_video_interleaved_mask"
@@ -166,3 +166,15 @@ def ulysses_config(degree: int, *, device_type: str | None = None, **options):
         device_type, (world // degree, 1, degree), mesh_dim_names=("group", "ring", "ulysses")
     )
     return ContextParallelConfig(ulysses_degree=degree, mesh=mesh, **options)
+
+
+def restamp_parallel_config(transformer: torch.nn.Module) -> None:
+    """Give attention processors set after ``enable_parallelism`` (a variant's processors put back) the
+    transformer's parallel config, as ``enable_parallelism`` gave the ones it found."""
+    config = getattr(transformer, "_parallel_config", None)
+    if config is None:
+        return
+    for module in transformer.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and hasattr(processor, "_parallel_config"):
+            processor._parallel_config = config
