@@ -101,10 +101,12 @@ def compare_case(
     text_pad: int = 5,
     dtype: torch.dtype = torch.float32,
     direct: bool = False,
+    xattn: dict | None = None,
     **cp_options,
 ) -> dict:
     """One case in this process (``torch.distributed`` initialised): outputs and stats, single and parallel.
-    ``direct``: call diffusers' ``model.enable_parallelism`` (the model's own plan) instead of ours;
+    ``direct``: call diffusers' ``model.enable_parallelism`` (the model's own plan) instead of ours; ``xattn``:
+    XAttention settings over :data:`XATTN`;
     ``cp_options``: more ``ContextParallelConfig`` arguments (``ring_degree``, ``ulysses_anything``)."""
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
@@ -121,7 +123,7 @@ def compare_case(
         model = build_transformer(family, heads, device=device).to(dtype)
         session = None
         if attention == "xattn":
-            session = xattn_video.enable(model, integration="backend", **XATTN)
+            session = xattn_video.enable(model, integration="backend", **{**XATTN, **(xattn or {})})
         if mode == "parallel":
             degrees = {"ulysses_degree": world} if "ring_degree" not in cp_options else {}
             config = ContextParallelConfig(**degrees, **cp_options)
