@@ -92,6 +92,8 @@ def main() -> None:
                     kept_equal=kept_single == kept_ranks,
                     kept_mismatch_layers=sum(a != b for a, b in zip(kept_single, kept_ranks, strict=True)),
                     sparse_density=sum(r[3] for r in sparse) / max(1, sum(r[4] for r in sparse)),
+                    imbalance=result["parallel"]["balance"]["imbalance"],
+                    rank_sparse_attention_ms=[b["sparse_attention_ms"] for b in result["parallel"]["balance"]["ranks"]],
                     rank_sparse_density=[
                         sum(r[3] for r in rr if r[2] == "sparse") / max(1, sum(r[4] for r in rr if r[2] == "sparse"))
                         for rr in per_rank
@@ -99,7 +101,10 @@ def main() -> None:
                 )
         rows.append(row)
     if rank == 0:
-        print("case | max abs diff | rel | modes equal | kept equal | sparse density (ranks) | step s single/parallel")
+        print(
+            "case | max abs diff | rel | modes equal | kept equal | sparse density (ranks) | last step s "
+            "single/parallel | sparse-attention imbalance"
+        )
         for r in rows:
             c = r["case"]
             name = f"{c['family']} {c['attention']} H={c['heads']} frames={c['frames']}"
@@ -111,7 +116,7 @@ def main() -> None:
             times = f"{r['single_step_s'][-1]:.4f}/{r['parallel_step_s'][-1]:.4f}"
             print(
                 f"{name} | {r['max_abs_diff']:.3g} | {r['rel_diff']:.3g} | {r.get('modes_equal')} | "
-                f"{r.get('kept_equal')} | {dens} | {times}"
+                f"{r.get('kept_equal')} | {dens} | {times} | {r.get('imbalance')}"
             )
         if args.out:
             with open(args.out, "w") as f:

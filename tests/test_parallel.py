@@ -40,6 +40,12 @@ def _assert_stats_add_up(results: list[dict], index: int, what: str) -> None:
         assert sum(rows[i][4] for rows in ranks) == row[4], f"{what}: total blocks at {row[:3]}"
     sparse = [row for row in single if row[2] == "sparse"]
     assert sum(r[3] for r in sparse) < sum(r[4] for r in sparse), f"{what}: sparse steps skipped nothing"
+    balance = results[0][index]["parallel"]["balance"]  # rank_balance: every rank's heads, seen from rank 0
+    assert [b["rank"] for b in balance["ranks"]] == list(range(len(ranks)))
+    for b, rows in zip(balance["ranks"], ranks, strict=True):
+        assert b["sparse_kept_blocks"] == sum(r[3] for r in rows if r[2] == "sparse"), what
+        assert b["sparse_attention_ms"] > 0, what
+    assert balance["imbalance"] >= 1.0
 
 
 CASES_2 = [

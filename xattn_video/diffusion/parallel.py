@@ -32,7 +32,14 @@ import torch
 from . import _diffusers_private as private
 from .attention_op import count_native
 
-__all__ = ["check_parallel_config", "parallel_attention", "sequence_layout", "split_sizes", "to_natural_order"]
+__all__ = [
+    "check_parallel_config",
+    "parallel_attention",
+    "rank_balance",
+    "sequence_layout",
+    "split_sizes",
+    "to_natural_order",
+]
 
 
 @dataclass(frozen=True)
@@ -175,3 +182,26 @@ def parallel_attention(
     return private.templated_context_parallel_attention(
         query, key, value, attn_mask, scale, forward_op=_forward_op, parallel_config=parallel_config
     )
+
+
+def rank_balance(stats: dict, group=None) -> dict:
+    """How evenly the Ulysses ranks' heads cost: call it on every rank of the group (a collective) with that
+    rank's ``session.stats``; returns, on every rank, per rank its heads' sparse-step density and sparse-attention
+    time (estimate + attention over the sparse steps), and ``imbalance``: the slowest rank's time over the mean
+    (every rank waits for the slowest at the next all-to-all)."""
+    import torch.distributed as dist
+
+    steps = [s for g in stats.get("generations", []) for s in g["steps"] if s["mode"] != "dense"]
+    mine = {
+        "rank": dist.get_rank(group),
+        "sparse_kept_blocks": sum(s["kept_blocks"] for s in steps),
+        "sparse_total_blocks": sum(s["total_blocks"] for s in steps),
+        "sparse_attention_ms": sum(s["estimate_ms"] + s["attention_ms"] for s in steps),
+    }
+    ranks: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(ranks, mine, group=group)
+    for r in ranks:
+        r["sparse_density"] = r["sparse_kept_blocks"] / r["sparse_total_blocks"] if r["sparse_total_blocks"] else None
+    times = [r["sparse_attention_ms"] for r in ranks]
+    mean = sum(times) / len(times)
+    return {"ranks": ranks, "imbalance": max(times) / mean if mean else None}

@@ -138,6 +138,10 @@ def compare_case(
             stats = session.stats
             result[mode]["rows"] = _rows(stats)
             result[mode]["native_calls"] = stats.get("native_calls", {})
+            if mode == "parallel":
+                from xattn_video.diffusion.parallel import rank_balance
+
+                result[mode]["balance"] = rank_balance(stats)
             session.detach()
     return result
 
