@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import ContextParallelConfig
 
+from xattn_video.diffusion.head_balance import assign_heads
 from xattn_video.diffusion.parallel import check_parallel_config, split_sizes, to_natural_order
 from xattn_video.testing.ulysses import TIMESTEPS, compare_cases, run_ranks
 
@@ -57,6 +58,7 @@ CASES_2 = [
     dict(family="wan", attention="xattn", heads=3, ulysses_anything=True),  # diffusers pads the heads
     dict(family="wan", attention="xattn", heads=4, ring_degree=2),  # refused by enable_parallelism
     dict(family="wan", attention="xattn", heads=4, ring_degree=2, direct=True),  # refused by the backend
+    dict(family="hunyuan", attention="xattn", heads=4, balance_heads=True),  # heads assigned by measured density
 ]
 
 
@@ -65,13 +67,35 @@ def two_ranks() -> list:
     return run_ranks(2, compare_cases, CASES_2)
 
 
-@pytest.mark.parametrize("index", [0, 1, 2, 3, 5])
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 5, 8])
 def test_two_ranks_match_one_process(two_ranks, index):
     case = CASES_2[index]
     for rank, results in enumerate(two_ranks):
         _assert_matches(results[index], f"{case} rank {rank}")
     if case["attention"] == "xattn":
         _assert_stats_add_up(two_ranks, index, str(case))
+
+
+def test_head_balancing_evens_the_ranks(two_ranks):
+    """Measured at the first sparse step (step 1) for every layer; the ranks' kept blocks after the assignment are
+    never further apart than before (2 ranks of 2 heads: the greedy assignment is the best one)."""
+    summary = two_ranks[0][8]["parallel"]["head_balance"]
+    single = two_ranks[0][8]["single"]["rows"]
+    assert sorted(summary) == sorted({row[1] for row in single})
+    for layer, loads in summary.items():
+        assert sum(loads["before"]) == sum(loads["after"])
+        assert max(loads["after"]) <= max(loads["before"]), layer
+    assert summary == two_ranks[1][8]["parallel"]["head_balance"]  # every rank chose the same
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_assign_heads_balances_two_ranks_optimally(seed):
+    cost = torch.rand(4, generator=torch.Generator().manual_seed(seed)) * 100
+    perm = assign_heads(cost, 2)
+    assert sorted(perm.tolist()) == [0, 1, 2, 3]
+    pairs = [(0, 1), (0, 2), (0, 3)]
+    best = min(max(float(cost[list(a)].sum()), float(cost.sum() - cost[list(a)].sum())) for a in pairs)
+    assert max(float(cost[perm[:2]].sum()), float(cost[perm[2:]].sum())) == pytest.approx(best)
 
 
 def test_indivisible_heads_refused_in_one_line(two_ranks):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _diffusers_private as private
-from .attention_op import count_native
+from .attention_op import active, count_native
 
 __all__ = [
     "check_parallel_config",
@@ -127,6 +127,30 @@ def _forward_op(
 ):
     """diffusers' forward-op signature around ``xattn_video::attention``; q/k/v ``[B, S, H/P, D]`` after the
     all-to-all."""
+    state = active()
+    balance = getattr(state.session, "head_balance", None) if state is not None else None
+    layer = state.self_calls if state is not None else None
+    out = _attend_in_order(query, key, value, attn_mask, scale, enable_gqa, _parallel_config)
+    if balance is not None and key.shape[1] == query.shape[1] and balance.permutation(layer) is None:
+        kept = _sparse_kept_per_head(state, layer)
+        if kept is not None:
+            cp = _parallel_config.context_parallel_config
+            balance.measure(layer, kept, cp._ulysses_mesh.get_group(), cp.ulysses_degree)
+    return out
+
+
+def _sparse_kept_per_head(state, layer: int) -> torch.Tensor | None:
+    """This call's kept blocks per head (``[H/P]``) if it ran sparse, from the statistics the op just recorded."""
+    pos = state.position
+    record = state.session.stats_store.records.get((pos.generation, pos.step, layer))
+    if record is None or record.mode != "sparse":
+        return None
+    pending = [p for p in record.pending if hasattr(p, "kept_per_head")]
+    return pending[-1].kept_per_head.sum(0) if pending else None
+
+
+def _attend_in_order(query, key, value, attn_mask, scale, enable_gqa, _parallel_config):
+    """The op on the gathered sequence, put in its natural order first when the plan declared a layout."""
     layout = _LAYOUT[0]
     n = query.shape[1]
     if layout is None or layout.tail == 0 or key.shape[1] != n:
@@ -179,9 +203,18 @@ def parallel_attention(
             return_lse=return_lse,
             _parallel_config=parallel_config,
         )
-    return private.templated_context_parallel_attention(
+    state = active()
+    balance = getattr(state.session, "head_balance", None) if state is not None else None
+    perm = balance.permutation(state.self_calls) if balance is not None and key.shape[1] == query.shape[1] else None
+    if perm is not None:  # head balancing: rank r gets heads perm[r*H/P:(r+1)*H/P]
+        perm = perm.to(query.device)
+        query, key, value = (t.index_select(2, perm) for t in (query, key, value))
+    out = private.templated_context_parallel_attention(
         query, key, value, attn_mask, scale, forward_op=_forward_op, parallel_config=parallel_config
     )
+    if perm is not None:
+        out = torch.empty_like(out).index_copy_(2, perm, out)
+    return out
 
 
 def rank_balance(stats: dict, group=None) -> dict:

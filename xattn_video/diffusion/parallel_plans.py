@@ -105,13 +105,14 @@ def _context_config(config):
     return config if hasattr(config, "ulysses_degree") else getattr(config, "context_parallel_config", None)
 
 
-def enable_parallelism(transformer: torch.nn.Module, config) -> None:
+def enable_parallelism(transformer: torch.nn.Module, config, *, balance_heads: bool = False) -> None:
     """``transformer.enable_parallelism(config=config, cp_plan=...)`` with the model's plan (see the module).
 
     ``config``: a diffusers ``ContextParallelConfig(ulysses_degree=P)`` (or a ``ParallelConfig`` holding one);
     ``torch.distributed`` must be initialised. Ring attention, a head count P does not divide (without
     ``ulysses_anything``), HunyuanVideo's own XAttention processor and its token-replace variant are refused in
-    one line."""
+    one line. ``balance_heads``: assign heads to ranks by the density measured at each layer's first sparse call
+    (:mod:`.head_balance`); needs XAttention enabled on the transformer first."""
     cp = _context_config(config)
     if cp is None:
         raise ValueError(f"config must be a diffusers ContextParallelConfig, got {type(config).__name__}")
@@ -138,8 +139,25 @@ def enable_parallelism(transformer: torch.nn.Module, config) -> None:
                 f"{type(transformer).__name__} has no context-parallel plan (_cp_plan) in diffusers "
                 f"{private.check_diffusers_version()}; supported: Wan, SkyReels-V2 and HunyuanVideo"
             )
+    session = None
+    if balance_heads:
+        from .backend import _hook_of
+
+        hook = _hook_of(transformer)
+        if hook is None:
+            raise ValueError(
+                "balance_heads=True needs XAttention on the transformer first: "
+                "xattn_video.enable(pipe, integration='backend', ...) before enable_parallelism"
+            )
+        if cp.ulysses_anything:
+            raise ValueError("balance_heads=True needs equal head counts per rank: not with ulysses_anything=True")
+        session = hook.session
     with private.cpu_device_index():
         transformer.enable_parallelism(config=config, cp_plan=plan)
+    if session is not None:
+        from .head_balance import HeadBalance
+
+        session.head_balance = HeadBalance()
     if is_hunyuan:
         layout_hook = _SequenceLayoutHook()
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(layout_hook, _TRANSFORMER_HOOK)

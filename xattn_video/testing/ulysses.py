@@ -102,11 +102,13 @@ def compare_case(
     dtype: torch.dtype = torch.float32,
     direct: bool = False,
     xattn: dict | None = None,
+    balance_heads: bool = False,
     **cp_options,
 ) -> dict:
     """One case in this process (``torch.distributed`` initialised): outputs and stats, single and parallel.
     ``direct``: call diffusers' ``model.enable_parallelism`` (the model's own plan) instead of ours; ``xattn``:
-    XAttention settings over :data:`XATTN`;
+    XAttention settings over :data:`XATTN`; ``balance_heads``:
+    head balancing (:mod:`xattn_video.diffusion.head_balance`);
     ``cp_options``: more ``ContextParallelConfig`` arguments (``ring_degree``, ``ulysses_anything``)."""
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
@@ -131,7 +133,7 @@ def compare_case(
                 with cpu_device_index():
                     model.enable_parallelism(config=config)
             else:
-                enable_parallelism(model, config)
+                enable_parallelism(model, config, balance_heads=balance_heads)
         outs, times = _run(model, inputs, device)
         result[mode] = {"outputs": outs, "times": times}
         if session is not None:
@@ -142,6 +144,8 @@ def compare_case(
                 from xattn_video.diffusion.parallel import rank_balance
 
                 result[mode]["balance"] = rank_balance(stats)
+                if balance_heads:
+                    result[mode]["head_balance"] = session.head_balance.summary()
             session.detach()
     return result
 
