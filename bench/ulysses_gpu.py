@@ -35,6 +35,16 @@ CASES = [
         text_pad=20,
         xattn=dict(block_size=64, stride=8, threshold=0.9),
     ),
+    dict(
+        family="hunyuan",
+        attention="xattn",
+        heads=4,
+        frames=21,
+        text_tokens=64,
+        text_pad=20,
+        balance_heads=True,
+        xattn=dict(block_size=64, stride=8, threshold=0.9),
+    ),
 ]
 
 
@@ -108,6 +118,7 @@ def main() -> None:
         for r in rows:
             c = r["case"]
             name = f"{c['family']} {c['attention']} H={c['heads']} frames={c['frames']}"
+            name += " balanced" if c.get("balance_heads") else ""
             if r["error"]:
                 print(f"{name} | ERROR {r['error']}")
                 continue
