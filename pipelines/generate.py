@@ -118,7 +118,8 @@ _STOCK_PROCESSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline -> what xattn_video.enable returned
 
 
-def apply_variant(pipe: Any, variant: Variant, steps: int, *, parallel: bool = False) -> Any:
+def apply_variant(pipe: Any, variant: Variant, steps: int, *, parallel: bool = False,
+                  balance_heads: bool = False) -> Any:
     """Put the variant's attention on the pipeline; return what :func:`xattn_video.enable` returned (its
     ``stats`` feed the sidecar), None for ``stock``. The variant before is taken off first.
 
@@ -126,7 +127,8 @@ def apply_variant(pipe: Any, variant: Variant, steps: int, *, parallel: bool = F
     tokens, the fastest dense baseline, DESIGN.md), with the same statistics as the sparse variants.
     ``stock``: the pipeline's own attention (diffusers' processors and native backend).
     ``parallel``: the transformers run under context parallelism: HunyuanVideo gets the ``xattn`` backend (its
-    processor does not run in parallel) and the processors keep the transformer's parallel config.
+    processor does not run in parallel) and the processors keep the transformer's parallel config;
+    ``balance_heads``: XAttention variants assign heads to ranks by measured density.
     """
     import xattn_video
 
@@ -149,6 +151,10 @@ def apply_variant(pipe: Any, variant: Variant, steps: int, *, parallel: bool = F
     handle = xattn_video.enable(pipe, integration="backend" if parallel else "auto", **settings)
     _ACTIVE[pipe] = handle
     _restamp_parallel(pipe, parallel)
+    if parallel and balance_heads and variant.mode == "xattn":
+        from xattn_video.diffusion.head_balance import HeadBalance
+
+        handle.head_balance = HeadBalance()
     return handle
 
 
@@ -685,7 +691,8 @@ def _follow(pipe: Any, mine: list[VideoJob], cfg: GenerateConfig, group: Any, *,
         job, gen = by_label[message[1]], None
         try:
             if job.variant != current:
-                proc = apply_variant(pipe, job.variant, cfg.video.steps, parallel=True)
+                proc = apply_variant(pipe, job.variant, cfg.video.steps, parallel=True,
+                                     balance_heads=cfg.parallel.balance_heads)
                 current = job.variant
             gen = generate_video(pipe, proc, job, cfg, device)
         except Exception as e:  # the leader reports the video as failed
@@ -833,7 +840,8 @@ class _MakeState:
         gen, error = None, None
         try:
             if job.variant != self.current:
-                self.proc = apply_variant(self.pipe, job.variant, self.cfg.video.steps, parallel=True)
+                self.proc = apply_variant(self.pipe, job.variant, self.cfg.video.steps, parallel=True,
+                                          balance_heads=self.cfg.parallel.balance_heads)
                 self.current = job.variant
             gen = generate_video(self.pipe, self.proc, job, self.cfg, self.device)
         except Exception as e:  # reported after the followers have reported theirs
@@ -845,6 +853,10 @@ class _MakeState:
         if failed:
             raise RuntimeError(f"ranks {failed} of Ulysses group {self.group.index} failed on this video")
         gen.parallel = combine_rank_stats(self.group, gen, records)
+        gen.parallel["balance_heads"] = self.cfg.parallel.balance_heads
+        balance = getattr(self.proc, "head_balance", None)
+        if balance is not None:  # per layer: the ranks' kept blocks at the measured step, heads in order vs assigned
+            gen.parallel["head_balance"] = {str(k): v for k, v in balance.summary().items()}
         return gen
 
     def _manifest(self, record: dict) -> None:

@@ -87,6 +87,8 @@ progress: auto              # auto (bars on a terminal only) | true | false
 parallel:
   ulysses: 1                # > 1: groups of this many processes make each video together (Ulysses sequence
                             # parallelism; torchrun --nproc-per-node N, N a multiple of it)
+  balance_heads: false      # with ulysses > 1: assign heads to processes by the density measured at each layer's
+                            # first sparse step (ranks wait for the densest head set)
 """
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -180,6 +182,7 @@ class OutputConfig:
 @dataclass(frozen=True)
 class ParallelSettings:
     ulysses: int  # processes per video (1: one each, as without parallelism)
+    balance_heads: bool  # assign heads to ranks by measured density (xattn_video.diffusion.head_balance)
 
 
 @dataclass(frozen=True)
@@ -414,8 +417,11 @@ def _output(o: Any, vbench: bool) -> OutputConfig:
 
 
 def _parallel(p: Any) -> ParallelSettings:
-    _check_keys(p, "parallel", ("ulysses",))
-    return ParallelSettings(ulysses=_int("parallel.ulysses", p["ulysses"], 1, 1024))
+    _check_keys(p, "parallel", ("ulysses", "balance_heads"))
+    return ParallelSettings(
+        ulysses=_int("parallel.ulysses", p["ulysses"], 1, 1024),
+        balance_heads=_bool("parallel.balance_heads", p["balance_heads"]),
+    )
 
 
 def validate(resolved: dict) -> GenerateConfig:

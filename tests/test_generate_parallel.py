@@ -1,8 +1,8 @@
 """`xattn-video generate ... parallel.ulysses=2` in two processes (gloo, CPU): one group of two makes each video.
 
-The videos' latents equal a one-process run's within float32 round-off, the sidecar records the degree and each
-rank's times and blocks (their blocks adding up to the one-process run's), followers write nothing, and a rerun
-skips every video (resume unchanged)."""
+The videos' latents equal a one-process run's within float32 round-off (with head balancing on), the sidecar records
+the degree and each rank's times and blocks (their blocks adding up to the one-process run's), followers write
+nothing, and a rerun skips every video (resume unchanged)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def _free_port() -> int:
 def _rank(rank: int, world: int, port: int, root: str, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
-    cfg = load_config(None, [*OVERRIDES, f"output.root={root}", f"parallel.ulysses={world}"])
+    cfg = load_config(
+        None, [*OVERRIDES, f"output.root={root}", f"parallel.ulysses={world}", "parallel.balance_heads=true"]
+    )
     result = run_generate(cfg, rank=rank, world_size=world, log=lambda line: None)
     torch.save({"made": result.made, "skipped": result.skipped, "followed": result.followed}, f"{out}.{rank}")
     torch.distributed.destroy_process_group()
@@ -78,6 +80,7 @@ def test_two_processes_make_each_video_together(tmp_path):
     assert (kept, total) == (sum(k for k, _ in single_sparse), sum(t for _, t in single_sparse))
     assert two["attention_stats"]["sparse_density"] == pytest.approx(one["attention_stats"]["sparse_density"])
     assert par["sparse_attention_imbalance"] >= 1.0
+    assert par["balance_heads"] is True and sorted(par["head_balance"]) == ["0", "1"]  # tiny Wan: 2 layers
 
     leader, follower = _run_two(str(parallel_root), tmp_path)  # resume: nothing left to make
     assert leader["made"] == [] and sorted(leader["skipped"]) == [f"dense/{NAME}", f"xattn/{NAME}"]
