@@ -18,6 +18,7 @@ Config keys (each has a default; --print-config shows the resolved config, confi
              select: the variants to run; variants: {name: {mode: dense|xattn|stock, <shared keys>}}
   output     root, naming (str.format over prompt, slug, prompt_index, seed, k, index), keep_latents, crf
   progress   auto | true | false
+  parallel   ulysses (processes per video: Ulysses sequence parallelism under torchrun), balance_heads
 
 Output (one folder per attention variant; the variant folders hold only mp4 files, so VBench reads them
 as they are):
@@ -30,7 +31,8 @@ as they are):
 Rerunning a config skips the videos already finished (mp4 and sidecar present, same settings); files are
 written under a temporary name and renamed, so a killed run leaves no truncated mp4. A video that fails is
 reported and the run goes on (exit status 1 at the end). Under `torchrun` or `accelerate launch` every
-process takes its own share of the videos (RANK / WORLD_SIZE), one GPU each (LOCAL_RANK).
+process takes its own share of the videos (RANK / WORLD_SIZE), one GPU each (LOCAL_RANK); with
+parallel.ulysses=P, groups of P processes make each video together (generate_parallel.py).
 """
 
 from __future__ import annotations
