@@ -138,3 +138,35 @@ def test_config_checks_without_processes():
         check_parallel_config(ContextParallelConfig(ulysses_degree=2), 3)
     with pytest.raises(ValueError, match=RING_LINE):
         check_parallel_config(ContextParallelConfig(ring_degree=2), 4)
+
+
+def test_refusals_before_any_process_group():
+    """What enable_parallelism refuses in one line, before torch.distributed is needed."""
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    import xattn_video
+    from xattn_video.diffusion.parallel_plans import enable_parallelism
+    from xattn_video.testing.ulysses import build_transformer
+
+    config = ContextParallelConfig(ulysses_degree=2)
+    hunyuan = build_transformer("hunyuan", 4)
+    xattn_video.enable(hunyuan, threshold=0.9)  # HunyuanVideo's own processor
+    with pytest.raises(ValueError, match="XAttention processor does not run under context parallelism"):
+        enable_parallelism(hunyuan, config)
+    wan = build_transformer("wan", 4)
+    with pytest.raises(ValueError, match="balance_heads=True needs XAttention on the transformer first"):
+        enable_parallelism(wan, config, balance_heads=True)
+    skyreels = SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=1,
+        rope_max_seq_len=1024,
+    )
+    with pytest.raises(ValueError, match="SkyReelsV2Transformer3DModel has no context-parallel plan"):
+        enable_parallelism(skyreels, config)

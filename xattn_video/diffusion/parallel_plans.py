@@ -1,10 +1,10 @@
 """Context-parallel plans and set-up: one video's sequence across P GPUs (Ulysses), through diffusers' own mechanism.
 
 :func:`enable_parallelism` is ``transformer.enable_parallelism(config=..., cp_plan=...)`` with the plan for the
-model: Wan (and every model with a ``_cp_plan`` in diffusers 0.42) uses its own; HunyuanVideo, which has none in
-diffusers 0.42, uses :func:`hunyuan_video_cp_plan` from here. Call it *after* selecting the attention backend
-(``xattn_video.enable(pipe, integration="backend", ...)`` or ``set_attention_backend``): diffusers checks the
-backend of the processors when parallelism is enabled.
+model: Wan and LTX-Video (the video models with a ``_cp_plan`` in diffusers 0.42) use their own; HunyuanVideo,
+which has none in diffusers 0.42, uses :func:`hunyuan_video_cp_plan` from here. Call it *after* selecting the
+attention backend (``xattn_video.enable(pipe, integration="backend", ...)`` or ``set_attention_backend``):
+diffusers checks the backend of the processors when parallelism is enabled.
 
 HunyuanVideo's plan shards video tokens and text tokens separately (both split across the ranks at the first
 block; the output gathered at ``proj_out``). Each rank's attention sequence is then ``[video_r, text_r]``, and the
@@ -137,7 +137,8 @@ def enable_parallelism(transformer: torch.nn.Module, config, *, balance_heads: b
         if plan is None:
             raise ValueError(
                 f"{type(transformer).__name__} has no context-parallel plan (_cp_plan) in diffusers "
-                f"{private.check_diffusers_version()}; supported: Wan, SkyReels-V2 and HunyuanVideo"
+                f"{private.check_diffusers_version()}; supported: Wan and LTX-Video (their own plans), "
+                "HunyuanVideo (ours)"
             )
     session = None
     if balance_heads:
