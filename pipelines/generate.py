@@ -604,6 +604,9 @@ def run_generate(
     if world_size % degree:
         raise ConfigError(f"parallel.ulysses = {degree} is not allowed with {world_size} processes: it must divide "
                           "the number of processes (groups of parallel.ulysses processes make one video each)")
+    if degree > 1 and cfg.model.cpu_offload:
+        raise ConfigError(f"model.cpu_offload = True is not allowed with parallel.ulysses = {degree}: each process "
+                          "keeps the whole transformer on its GPU under sequence parallelism")
     prompts = resolve_prompts(cfg)
     jobs = plan_jobs(cfg, prompts)
     mine = shard(jobs, rank // degree, world_size // degree)  # a group of `degree` ranks shares one share

@@ -93,3 +93,6 @@ def test_degree_must_divide_the_processes(tmp_path):
         run_generate(cfg, rank=0, world_size=3, log=lambda line: None)
     with pytest.raises(ConfigError, match="parallel.ulysses"):
         load_config(None, ["parallel.ulysses=0"])
+    cfg = load_config(None, [*OVERRIDES, f"output.root={tmp_path}", "parallel.ulysses=2", "model.cpu_offload=true"])
+    with pytest.raises(ConfigError, match="model.cpu_offload = True is not allowed with parallel.ulysses = 2"):
+        run_generate(cfg, rank=0, world_size=2, log=lambda line: None)
