@@ -59,6 +59,7 @@ CASES_2 = [
     dict(family="wan", attention="xattn", heads=4, ring_degree=2),  # refused by enable_parallelism
     dict(family="wan", attention="xattn", heads=4, ring_degree=2, direct=True),  # refused by the backend
     dict(family="hunyuan", attention="xattn", heads=4, balance_heads=True),  # heads assigned by measured density
+    dict(family="wan", attention="xattn", heads=4, compile=True),  # torch.compile (aot_eager) under Ulysses
 ]
 
 
@@ -67,13 +68,21 @@ def two_ranks() -> list:
     return run_ranks(2, compare_cases, CASES_2)
 
 
-@pytest.mark.parametrize("index", [0, 1, 2, 3, 5, 8])
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 5, 8, 9])
 def test_two_ranks_match_one_process(two_ranks, index):
     case = CASES_2[index]
     for rank, results in enumerate(two_ranks):
         _assert_matches(results[index], f"{case} rank {rank}")
     if case["attention"] == "xattn":
         _assert_stats_add_up(two_ranks, index, str(case))
+
+
+def test_compiled_transformer_under_ulysses_does_not_recompile(two_ranks):
+    """Compiled, the parallel run matches one process (test above) and Dynamo makes no new graph after step 0:
+    nothing of a step or layer (the backend's state is read inside the op) is guarded on."""
+    for results in two_ranks:
+        graphs = results[9]["parallel"]["graphs"]
+        assert len(graphs) == len(TIMESTEPS) and graphs[0] > 0 and len(set(graphs)) == 1, graphs
 
 
 def test_head_balancing_evens_the_ranks(two_ranks):

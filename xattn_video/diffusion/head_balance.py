@@ -39,6 +39,9 @@ class HeadBalance:
     """Per layer: the head permutation in use (None until that layer's first sparse call is measured)."""
 
     def __init__(self) -> None:
+        from .parallel import _BALANCING
+
+        _BALANCING[0] += 1  # from now on the parallel path looks for a permutation (a graph break under compile)
         self.perms: dict[int, torch.Tensor] = {}
         self.measured: dict[int, torch.Tensor] = {}  # layer -> kept blocks per head, in the original head order
         self.ranks = 1

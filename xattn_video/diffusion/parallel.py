@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
@@ -42,24 +41,23 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class _Layout:
-    tail: int  # tokens of the second part (text) in the whole sequence; each part is split across the ranks
-
-
-_LAYOUT: list[_Layout | None] = [None]
+# Tokens of the second part (text) of sharded self-attention sequences, 0 for none (set by a model's plan). An int,
+# not an object: torch.compile guards on its value, which stays the same from one forward to the next.
+_TAIL: list[int] = [0]
+# Sessions with head balancing on; while 0, the parallel path reads no forward state (nothing for Dynamo to guard).
+_BALANCING: list[int] = [0]
 
 
 @contextlib.contextmanager
 def sequence_layout(tail: int) -> Iterator[None]:
     """While open, sharded self-attention sequences are ``[head part, tail part]`` with ``tail`` tokens in the
     tail, each part split across the Ulysses ranks as ``tensor_split`` does (set by a model's parallel plan)."""
-    previous = _LAYOUT[0]
-    _LAYOUT[0] = _Layout(int(tail))
+    previous = _TAIL[0]
+    _TAIL[0] = int(tail)
     try:
         yield
     finally:
-        _LAYOUT[0] = previous
+        _TAIL[0] = previous
 
 
 def split_sizes(n: int, parts: int) -> list[int]:
@@ -127,16 +125,39 @@ def _forward_op(
 ):
     """diffusers' forward-op signature around ``xattn_video::attention``; q/k/v ``[B, S, H/P, D]`` after the
     all-to-all."""
+    if not _BALANCING[0]:
+        return _attend_in_order(query, key, value, attn_mask, scale, enable_gqa, _parallel_config)
+    layer = _next_layer()
+    out = _attend_in_order(query, key, value, attn_mask, scale, enable_gqa, _parallel_config)
+    if layer is not None and key.shape[1] == query.shape[1]:
+        _measure(layer, _parallel_config)
+    return out
+
+
+@torch.compiler.disable
+def _next_layer() -> int | None:
+    state = active()
+    return state.self_calls if state is not None else None
+
+
+@torch.compiler.disable
+def _balance_permutation() -> torch.Tensor | None:
     state = active()
     balance = getattr(state.session, "head_balance", None) if state is not None else None
-    layer = state.self_calls if state is not None else None
-    out = _attend_in_order(query, key, value, attn_mask, scale, enable_gqa, _parallel_config)
-    if balance is not None and key.shape[1] == query.shape[1] and balance.permutation(layer) is None:
-        kept = _sparse_kept_per_head(state, layer)
-        if kept is not None:
-            cp = _parallel_config.context_parallel_config
-            balance.measure(layer, kept, cp._ulysses_mesh.get_group(), cp.ulysses_degree)
-    return out
+    return balance.permutation(state.self_calls) if balance is not None else None
+
+
+@torch.compiler.disable
+def _measure(layer: int, parallel_config) -> None:
+    """At a layer's first sparse call, its heads' kept blocks set its head permutation (:mod:`.head_balance`)."""
+    state = active()
+    balance = getattr(state.session, "head_balance", None) if state is not None else None
+    if balance is None or balance.permutation(layer) is not None:
+        return
+    kept = _sparse_kept_per_head(state, layer)
+    if kept is not None:
+        cp = parallel_config.context_parallel_config
+        balance.measure(layer, kept, cp._ulysses_mesh.get_group(), cp.ulysses_degree)
 
 
 def _sparse_kept_per_head(state, layer: int) -> torch.Tensor | None:
@@ -151,12 +172,12 @@ def _sparse_kept_per_head(state, layer: int) -> torch.Tensor | None:
 
 def _attend_in_order(query, key, value, attn_mask, scale, enable_gqa, _parallel_config):
     """The op on the gathered sequence, put in its natural order first when the plan declared a layout."""
-    layout = _LAYOUT[0]
+    tail = _TAIL[0]
     n = query.shape[1]
-    if layout is None or layout.tail == 0 or key.shape[1] != n:
+    if tail == 0 or key.shape[1] != n:
         return torch.ops.xattn_video.attention(query, key, value, attn_mask, scale, enable_gqa)
     parts = _parallel_config.context_parallel_config.ulysses_degree
-    index = to_natural_order(n, layout.tail, parts, device=query.device)
+    index = to_natural_order(n, tail, parts, device=query.device)
     query, key, value = (t.index_select(1, index) for t in (query, key, value))
     if attn_mask is not None and attn_mask.shape[-1] == n:
         attn_mask = attn_mask.index_select(-1, index)
@@ -203,9 +224,9 @@ def parallel_attention(
             return_lse=return_lse,
             _parallel_config=parallel_config,
         )
-    state = active()
-    balance = getattr(state.session, "head_balance", None) if state is not None else None
-    perm = balance.permutation(state.self_calls) if balance is not None and key.shape[1] == query.shape[1] else None
+    perm = None
+    if _BALANCING[0] and key.shape[1] == query.shape[1]:
+        perm = _balance_permutation()
     if perm is not None:  # head balancing: rank r gets heads perm[r*H/P:(r+1)*H/P]
         perm = perm.to(query.device)
         query, key, value = (t.index_select(2, perm) for t in (query, key, value))

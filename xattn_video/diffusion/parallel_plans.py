@@ -25,7 +25,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from . import _diffusers_private as private
-from .parallel import _LAYOUT, _Layout, check_parallel_config, to_natural_order
+from .parallel import _TAIL, check_parallel_config, to_natural_order
 
 __all__ = ["enable_parallelism", "hunyuan_video_cp_plan", "restamp_parallel_config", "ulysses_config"]
 
@@ -58,13 +58,13 @@ class _SequenceLayoutHook(ModelHook):
         text = kwargs.get("encoder_hidden_states")
         if text is None:
             text = args[2]
-        self._previous = _LAYOUT[0]
-        _LAYOUT[0] = _Layout(int(text.shape[1]))
+        self._previous = _TAIL[0]
+        _TAIL[0] = int(text.shape[1])
         self.masks.clear()
         return args, kwargs
 
     def post_forward(self, module, output):
-        _LAYOUT[0] = self._previous
+        _TAIL[0] = self._previous
         self.masks.clear()
         return output
 
@@ -82,13 +82,13 @@ class _InterleavedMaskHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         in_kwargs = "attention_mask" in kwargs
         mask = kwargs["attention_mask"] if in_kwargs else (args[self._MASK_INDEX] if len(args) > 3 else None)
-        layout = _LAYOUT[0]
-        if mask is None or layout is None or layout.tail == 0:
+        tail = _TAIL[0]
+        if mask is None or tail == 0:
             return args, kwargs
         cache = self.layout_hook.masks
         if cache.get("source") is not mask:
             n = mask.shape[-1]
-            order = torch.argsort(to_natural_order(n, layout.tail, self.parts, device=mask.device))
+            order = torch.argsort(to_natural_order(n, tail, self.parts, device=mask.device))
             cache["source"], cache["mask"] = mask, mask.index_select(-1, order)
         if in_kwargs:
             kwargs["attention_mask"] = cache["mask"]

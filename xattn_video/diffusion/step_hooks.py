@@ -47,9 +47,7 @@ class XAttnStepHook(ModelHook):
         super().__init__()
         params = list(inspect.signature(transformer.forward).parameters)
         if "timestep" not in params:
-            raise TypeError(
-                f"{type(transformer).__name__}.forward has no `timestep` argument: steps cannot be tracked"
-            )
+            raise TypeError(f"{type(transformer).__name__}.forward has no `timestep` argument: steps cannot be tracked")
         self.session = session
         self.state_manager = state_manager  # shared by the pipeline's hooks; diffusers sets its cache context
         self._timestep_index = params.index("timestep")

@@ -67,7 +67,7 @@ def _inputs(family: str, device: str, frames: int, text_tokens: int, text_pad: i
     }
 
 
-def _run(model, inputs: dict, device: str) -> tuple[list[torch.Tensor], list[float]]:
+def _run(model, inputs: dict, device: str, graphs: list | None = None) -> tuple[list[torch.Tensor], list[float]]:
     outs, times = [], []
     for t in TIMESTEPS:
         start = time.perf_counter()
@@ -77,6 +77,8 @@ def _run(model, inputs: dict, device: str) -> tuple[list[torch.Tensor], list[flo
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         outs.append(out.float().cpu().clone())  # clone: an op, so a gathered output is waited for
+        if graphs is not None:  # Dynamo's graphs so far: a recompilation adds one
+            graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     return outs, times
 
 
@@ -103,12 +105,14 @@ def compare_case(
     direct: bool = False,
     xattn: dict | None = None,
     balance_heads: bool = False,
+    compile: bool = False,
     **cp_options,
 ) -> dict:
     """One case in this process (``torch.distributed`` initialised): outputs and stats, single and parallel.
     ``direct``: call diffusers' ``model.enable_parallelism`` (the model's own plan) instead of ours; ``xattn``:
     XAttention settings over :data:`XATTN`; ``balance_heads``:
-    head balancing (:mod:`xattn_video.diffusion.head_balance`);
+    head balancing (:mod:`xattn_video.diffusion.head_balance`); ``compile``: compile the
+    transformer (``aot_eager``) and record Dynamo's graph count after each step (``graphs``);
     ``cp_options``: more ``ContextParallelConfig`` arguments (``ring_degree``, ``ulysses_anything``)."""
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
@@ -134,8 +138,13 @@ def compare_case(
                     model.enable_parallelism(config=config)
             else:
                 enable_parallelism(model, config, balance_heads=balance_heads)
-        outs, times = _run(model, inputs, device)
-        result[mode] = {"outputs": outs, "times": times}
+        graphs: list[int] = []
+        if compile:
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            model.compile(backend="aot_eager")
+        outs, times = _run(model, inputs, device, graphs if compile else None)
+        result[mode] = {"outputs": outs, "times": times, "graphs": graphs}
         if session is not None:
             stats = session.stats
             result[mode]["rows"] = _rows(stats)
