@@ -60,6 +60,7 @@ CASES_2 = [
     dict(family="wan", attention="xattn", heads=4, ring_degree=2, direct=True),  # refused by the backend
     dict(family="hunyuan", attention="xattn", heads=4, balance_heads=True),  # heads assigned by measured density
     dict(family="wan", attention="xattn", heads=4, compile=True),  # torch.compile (aot_eager) under Ulysses
+    dict(family="hunyuan", attention="native", heads=4, text_tokens=15),  # refused: 2 does not divide 15 text tokens
 ]
 
 
@@ -111,6 +112,12 @@ def test_indivisible_heads_refused_in_one_line(two_ranks):
     for results in two_ranks:
         error = results[4].get("error", "")
         assert HEADS_LINE in error and "ulysses_anything=True" in error and "\n" not in error
+
+
+def test_indivisible_text_refused_in_one_line(two_ranks):
+    for results in two_ranks:
+        error = results[10].get("error", "")
+        assert "the text has 15 tokens, which ulysses_degree=2 does not divide" in error and "\n" not in error
 
 
 @pytest.mark.parametrize("index", [6, 7])

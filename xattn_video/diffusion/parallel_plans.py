@@ -49,15 +49,21 @@ def hunyuan_video_cp_plan(transformer: torch.nn.Module) -> dict:
 class _SequenceLayoutHook(ModelHook):
     """On the transformer: declares the text length of each forward to the backend (and to the block hooks)."""
 
-    def __init__(self) -> None:
+    def __init__(self, parts: int = 1, uneven: bool = False) -> None:
         super().__init__()
         self.masks: dict = {}
         self._previous = None
+        self.parts, self.uneven = parts, uneven
 
     def pre_forward(self, module, *args, **kwargs):
         text = kwargs.get("encoder_hidden_states")
         if text is None:
             text = args[2]
+        if text.shape[1] % self.parts and not self.uneven:
+            raise ValueError(
+                f"the text has {text.shape[1]} tokens, which ulysses_degree={self.parts} does not divide: use a "
+                f"max_sequence_length that {self.parts} divides, or ulysses_anything=True"
+            )
         self._previous = _TAIL[0]
         _TAIL[0] = int(text.shape[1])
         self.masks.clear()
@@ -160,7 +166,7 @@ def enable_parallelism(transformer: torch.nn.Module, config, *, balance_heads: b
 
         session.head_balance = HeadBalance()
     if is_hunyuan:
-        layout_hook = _SequenceLayoutHook()
+        layout_hook = _SequenceLayoutHook(cp.ulysses_degree, cp.ulysses_anything)
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(layout_hook, _TRANSFORMER_HOOK)
         for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
             hook = _InterleavedMaskHook(layout_hook, cp.ulysses_degree)
