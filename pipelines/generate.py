@@ -18,6 +18,7 @@ Config keys (each has a default; --print-config shows the resolved config, confi
              select: the variants to run; variants: {name: {mode: dense|xattn|stock, <shared keys>}}
   output     root, naming (str.format over prompt, slug, prompt_index, seed, k, index), keep_latents, crf
   progress   auto | true | false
+  parallel   ulysses (processes per video: Ulysses sequence parallelism under torchrun), balance_heads
 
 Output (one folder per attention variant; the variant folders hold only mp4 files, so VBench reads them
 as they are):
@@ -30,7 +31,8 @@ as they are):
 Rerunning a config skips the videos already finished (mp4 and sidecar present, same settings); files are
 written under a temporary name and renamed, so a killed run leaves no truncated mp4. A video that fails is
 reported and the run goes on (exit status 1 at the end). Under `torchrun` or `accelerate launch` every
-process takes its own share of the videos (RANK / WORLD_SIZE), one GPU each (LOCAL_RANK).
+process takes its own share of the videos (RANK / WORLD_SIZE), one GPU each (LOCAL_RANK); with
+parallel.ulysses=P, groups of P processes make each video together (generate_parallel.py).
 """
 
 from __future__ import annotations
@@ -118,13 +120,17 @@ _STOCK_PROCESSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline -> what xattn_video.enable returned
 
 
-def apply_variant(pipe: Any, variant: Variant, steps: int) -> Any:
+def apply_variant(pipe: Any, variant: Variant, steps: int, *, parallel: bool = False,
+                  balance_heads: bool = False) -> Any:
     """Put the variant's attention on the pipeline; return what :func:`xattn_video.enable` returned (its
     ``stats`` feed the sidecar), None for ``stock``. The variant before is taken off first.
 
     ``dense``: the project's attention with every step dense (HunyuanVideo: unmasked attention over the valid
     tokens, the fastest dense baseline, DESIGN.md), with the same statistics as the sparse variants.
     ``stock``: the pipeline's own attention (diffusers' processors and native backend).
+    ``parallel``: the transformers run under context parallelism: HunyuanVideo gets the ``xattn`` backend (its
+    processor does not run in parallel) and the processors keep the transformer's parallel config;
+    ``balance_heads``: XAttention variants assign heads to ranks by measured density.
     """
     import xattn_video
 
@@ -134,6 +140,7 @@ def apply_variant(pipe: Any, variant: Variant, steps: int) -> Any:
     if family_of(pipe) == "hunyuan":
         _stock_hunyuan_processors(pipe)
     if variant.mode == "stock":
+        _restamp_parallel(pipe, parallel)
         return None
     if variant.mode == "dense":
         settings: dict[str, Any] = dict(threshold=1.0, warmup_steps=steps)
@@ -143,9 +150,22 @@ def apply_variant(pipe: Any, variant: Variant, steps: int) -> Any:
                         backend=variant.backend, estimate_fp8=variant.estimate_fp8)
     if variant.min_len is not None:  # the xattn backend's (dense variants share attention.min_len)
         settings["min_len"] = variant.min_len
-    handle = xattn_video.enable(pipe, **settings)
+    handle = xattn_video.enable(pipe, integration="backend" if parallel else "auto", **settings)
     _ACTIVE[pipe] = handle
+    _restamp_parallel(pipe, parallel)
+    if parallel and balance_heads and variant.mode == "xattn":
+        from xattn_video.diffusion.head_balance import HeadBalance
+
+        handle.head_balance = HeadBalance()
     return handle
+
+
+def _restamp_parallel(pipe: Any, parallel: bool) -> None:
+    if parallel:
+        from xattn_video.diffusion.parallel_plans import restamp_parallel_config
+
+        for transformer in transformers_of(pipe):
+            restamp_parallel_config(transformer)
 
 
 def _stock_hunyuan_processors(pipe: Any) -> None:
@@ -283,6 +303,7 @@ def attention_summary(proc: Any) -> dict | None:
         "sparse_density": kept / total if total else None,
         "mode_per_step": [s["mode"] for s in steps],
         "density_per_step": [s["density"] for s in steps],
+        "blocks_per_step": [[s["kept_blocks"], s["total_blocks"]] for s in steps],
         "estimate_ms_per_step": [s["estimate_ms"] for s in steps],
         "attention_ms_per_step": [s["attention_ms"] for s in steps],
         "density_per_layer": [[round(layer["density"], 5) for layer in s["layers"]] for s in steps],
@@ -299,6 +320,7 @@ class Generated:
     timing: dict
     attention: dict | None
     memory: dict
+    parallel: dict | None = None  # parallel.ulysses > 1: degree, group, per-rank times and heads (sidecar)
 
 
 def generate_video(pipe: Any, proc: Any, job: VideoJob, cfg: GenerateConfig, device: str) -> Generated:
@@ -389,6 +411,7 @@ def build_sidecar(job: VideoJob, cfg: GenerateConfig, gen: Generated, layout: La
         "device": device,
         "rank": rank,
         "world_size": world_size,
+        **({"parallel": gen.parallel} if gen.parallel is not None else {}),
         "host": socket.gethostname(),
         "process": run_figures.process_id(),  # step times compare only within one process
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -461,6 +484,7 @@ class RunResult:
     run_finished: int = 0  # of those, finished on disk when this process ended
     elsewhere: list[str] = field(default_factory=list)  # made meanwhile by another process on the same folder
     stopped: str | None = None  # why the run stopped before its end (a full disk)
+    followed: str | None = None  # parallel.ulysses > 1, not a group's leader: whose videos this process helped make
 
     @property
     def ok(self) -> bool:
@@ -576,9 +600,16 @@ def run_generate(
     """
     rank, world_size, local_rank = dist_env(rank, world_size)
     log = log or Log(rank, world_size)
+    degree = cfg.parallel.ulysses
+    if world_size % degree:
+        raise ConfigError(f"parallel.ulysses = {degree} is not allowed with {world_size} processes: it must divide "
+                          "the number of processes (groups of parallel.ulysses processes make one video each)")
+    if degree > 1 and cfg.model.cpu_offload:
+        raise ConfigError(f"model.cpu_offload = True is not allowed with parallel.ulysses = {degree}: each process "
+                          "keeps the whole transformer on its GPU under sequence parallelism")
     prompts = resolve_prompts(cfg)
     jobs = plan_jobs(cfg, prompts)
-    mine = shard(jobs, rank, world_size)
+    mine = shard(jobs, rank // degree, world_size // degree)  # a group of `degree` ranks shares one share
     layout = Layout(cfg.output.root)
     check_output_dir(layout.root, "output.root")
     tallies = {v.name: VariantTally(v) for v in cfg.variants}
@@ -622,7 +653,14 @@ def run_generate(
         except OSError as e:
             raise ConfigError(f"output.root = {cfg.output.root!r}: writing {layout.config.name} failed "
                               f"({one_line(e)})") from None
-    if not todo:
+    group = None
+    if degree > 1:
+        from .generate_parallel import setup_group
+
+        group = setup_group(degree, rank, world_size, resolve_device(cfg.model.device, local_rank, False))
+        if not group.broadcast(bool(todo)):  # the leader's view decides; followers mirror it
+            return _count_finished(result, jobs, layout, cfg)
+    elif not todo:
         return _count_finished(result, jobs, layout, cfg)
 
     if pipeline is None:
@@ -634,8 +672,39 @@ def run_generate(
     else:
         device = str(getattr(pipeline, "_execution_device", device))
     check_family_settings(family_of(pipeline), cfg)
-    _make_all(pipeline, todo, cfg, layout, result, log=log, device=device)
+    if group is not None:
+        group.enable(pipeline, transformers_of(pipeline))
+        if not group.leader:
+            _follow(pipeline, mine, cfg, group, log=log, device=device, rank=rank)
+            result.followed = f"rank {rank - group.local} (Ulysses group {group.index}, {degree} processes a video)"
+            return _count_finished(result, jobs, layout, cfg)
+    _make_all(pipeline, todo, cfg, layout, result, log=log, device=device, group=group)
     return _count_finished(result, jobs, layout, cfg)
+
+
+def _follow(pipe: Any, mine: list[VideoJob], cfg: GenerateConfig, group: Any, *, log: Callable[[str], None],
+            device: str, rank: int) -> None:
+    """A follower of a Ulysses group: make each video the leader names with it, write nothing, report back."""
+    from .generate_parallel import rank_record
+
+    by_label = {job.label: job for job in mine}
+    current, proc = None, None
+    while True:
+        message = group.broadcast(None)
+        if message[0] == "done":
+            return
+        job, gen = by_label[message[1]], None
+        try:
+            if job.variant != current:
+                proc = apply_variant(pipe, job.variant, cfg.video.steps, parallel=True,
+                                     balance_heads=cfg.parallel.balance_heads)
+                current = job.variant
+            gen = generate_video(pipe, proc, job, cfg, device)
+        except Exception as e:  # the leader reports the video as failed
+            log(f"FAILED {job.label} on this rank: {type(e).__name__}: {e}")
+            current = None
+            _free_cuda(device)
+        group.gather(rank_record(rank, gen))
 
 
 def _count_finished(result: RunResult, jobs: list[VideoJob], layout: Layout, cfg: GenerateConfig) -> RunResult:
@@ -645,7 +714,7 @@ def _count_finished(result: RunResult, jobs: list[VideoJob], layout: Layout, cfg
 
 
 def _make_all(pipe: Any, todo: list[VideoJob], cfg: GenerateConfig, layout: Layout, result: RunResult, *,
-              log: Callable[[str], None], device: str) -> None:
+              log: Callable[[str], None], device: str, group: Any = None) -> None:
     from tqdm.auto import tqdm
 
     show = _show_progress(cfg.progress)
@@ -653,7 +722,7 @@ def _make_all(pipe: Any, todo: list[VideoJob], cfg: GenerateConfig, layout: Layo
     step_bars = show and result.world_size == 1
     bar = tqdm(total=len(todo), desc="videos", unit="video", disable=not show, dynamic_ncols=True,
                position=result.rank if result.world_size > 1 else 0)
-    state = _MakeState(pipe, cfg, layout, result, log, device, versions, step_bars, len(todo))
+    state = _MakeState(pipe, cfg, layout, result, log, device, versions, step_bars, len(todo), group)
     # one lock per video with all its variants, so that its dense and XAttention versions are made (and
     # timed) by the same process, as shard() does for ranks
     units: dict[str, list[tuple[int, VideoJob]]] = {}
@@ -680,6 +749,8 @@ def _make_all(pipe: Any, todo: list[VideoJob], cfg: GenerateConfig, layout: Layo
             state.make_all(unit, lock, bar)
     finally:
         bar.close()
+        if group is not None:  # the followers stop waiting
+            group.broadcast(("done",))
         with contextlib.suppress(OSError):
             layout.lock(todo[0]).parent.rmdir()  # when empty: no lock is held
     if result.stopped:
@@ -694,8 +765,10 @@ class _MakeState:
     """The loop state of :func:`_make_all`: the processor of the current variant, and how one job is made."""
 
     def __init__(self, pipe: Any, cfg: GenerateConfig, layout: Layout, result: RunResult,
-                 log: Callable[[str], None], device: str, versions: dict, step_bars: bool, total: int):
+                 log: Callable[[str], None], device: str, versions: dict, step_bars: bool, total: int,
+                 group: Any = None):
         self.pipe, self.cfg, self.layout, self.result, self.log = pipe, cfg, layout, result, log
+        self.group = group  # parallel.ulysses > 1: this process leads a group (generate_parallel)
         self.device, self.versions, self.step_bars, self.total = device, versions, step_bars, total
         self.current: Variant | None = None
         self.proc = None
@@ -735,10 +808,7 @@ class _MakeState:
         tally = result.tallies[job.variant.name]
         self.pipe.set_progress_bar_config(disable=not self.step_bars, leave=False, desc="steps", dynamic_ncols=True)
         try:
-            if job.variant != self.current:
-                self.proc = apply_variant(self.pipe, job.variant, self.cfg.video.steps)
-                self.current = job.variant
-            gen = generate_video(self.pipe, self.proc, job, self.cfg, self.device)
+            gen = self._generate(job)
             sidecar = save_outputs(job, self.cfg, gen, layout, device=self.device, rank=result.rank,
                                    world_size=result.world_size, versions=self.versions)
         except Exception as e:  # one failed video must not stop the batch (a full disk does: see below)
@@ -761,6 +831,38 @@ class _MakeState:
             log(f"[{n}/{self.total}] {job.label}.mp4  {gen.timing['total_s']:.1f} s"
                 + (f"  density {density:.3f}" if density is not None else ""))
             self._manifest(_manifest_record(job, layout, result, "ok", sidecar=sidecar))
+
+    def _generate(self, job: VideoJob) -> Generated:
+        """Apply the job's variant and make its video; with a group, the followers make it alongside and report."""
+        if self.group is None:
+            if job.variant != self.current:
+                self.proc = apply_variant(self.pipe, job.variant, self.cfg.video.steps)
+                self.current = job.variant
+            return generate_video(self.pipe, self.proc, job, self.cfg, self.device)
+        from .generate_parallel import combine_rank_stats, rank_record
+
+        self.group.broadcast(("make", job.label))
+        gen, error = None, None
+        try:
+            if job.variant != self.current:
+                self.proc = apply_variant(self.pipe, job.variant, self.cfg.video.steps, parallel=True,
+                                          balance_heads=self.cfg.parallel.balance_heads)
+                self.current = job.variant
+            gen = generate_video(self.pipe, self.proc, job, self.cfg, self.device)
+        except Exception as e:  # reported after the followers have reported theirs
+            error = e
+        records = self.group.gather(rank_record(self.result.rank, gen))
+        if error is not None:
+            raise error
+        failed = [r["rank"] for r in records if r.get("failed")]
+        if failed:
+            raise RuntimeError(f"ranks {failed} of Ulysses group {self.group.index} failed on this video")
+        gen.parallel = combine_rank_stats(self.group, gen, records)
+        gen.parallel["balance_heads"] = self.cfg.parallel.balance_heads
+        balance = getattr(self.proc, "head_balance", None)
+        if balance is not None:  # per layer: the ranks' kept blocks at the measured step, heads in order vs assigned
+            gen.parallel["head_balance"] = {str(k): v for k, v in balance.summary().items()}
+        return gen
 
     def _manifest(self, record: dict) -> None:
         try:
@@ -830,7 +932,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if result is None:  # --print-config
         return 0
-    if not args.dry_run:
+    if result.followed:
+        write_block(f"helped {result.followed} make its videos; it writes them and their summary",
+                    rank=result.rank, world_size=result.world_size)
+    elif not args.dry_run:
         write_block(summary_table(result), rank=result.rank, world_size=result.world_size)
     if result.failures:
         write_block("\n".join(f"FAILED {label}: {error}" for label, error in result.failures), rank=result.rank,

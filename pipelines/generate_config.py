@@ -84,6 +84,11 @@ output:
   keep_latents: false       # also save the final latents (<root>/meta/<variant>/<name>.latents.pt)
   crf: 18                   # H.264 constant rate factor: 0 lossless .. 51 worst
 progress: auto              # auto (bars on a terminal only) | true | false
+parallel:
+  ulysses: 1                # > 1: groups of this many processes make each video together (Ulysses sequence
+                            # parallelism; torchrun --nproc-per-node N, N a multiple of it)
+  balance_heads: false      # with ulysses > 1: assign heads to processes by the density measured at each layer's
+                            # first sparse step (ranks wait for the densest head set)
 """
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -175,6 +180,12 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class ParallelSettings:
+    ulysses: int  # processes per video (1: one each, as without parallelism)
+    balance_heads: bool  # assign heads to ranks by measured density (xattn_video.diffusion.head_balance)
+
+
+@dataclass(frozen=True)
 class GenerateConfig:
     """A validated configuration; ``resolved`` is the merged mapping (what sidecars and config.yaml record)."""
 
@@ -186,6 +197,7 @@ class GenerateConfig:
     variants: tuple[Variant, ...]
     output: OutputConfig
     progress: str
+    parallel: ParallelSettings
     resolved: dict = field(compare=False, repr=False)
 
     @property
@@ -404,9 +416,17 @@ def _output(o: Any, vbench: bool) -> OutputConfig:
     )
 
 
+def _parallel(p: Any) -> ParallelSettings:
+    _check_keys(p, "parallel", ("ulysses", "balance_heads"))
+    return ParallelSettings(
+        ulysses=_int("parallel.ulysses", p["ulysses"], 1, 1024),
+        balance_heads=_bool("parallel.balance_heads", p["balance_heads"]),
+    )
+
+
 def validate(resolved: dict) -> GenerateConfig:
     """Check a merged, resolved mapping and build the typed configuration."""
-    top = ("model", "video", "prompts", "seeds", "videos_per_prompt", "attention", "output", "progress")
+    top = ("model", "video", "prompts", "seeds", "videos_per_prompt", "attention", "output", "progress", "parallel")
     _check_keys(resolved, "", top)
     missing = [k for k in top if k not in resolved]
     if missing:
@@ -426,6 +446,7 @@ def validate(resolved: dict) -> GenerateConfig:
         variants=_variants(resolved["attention"]),
         output=_output(resolved["output"], vbench=prompts.vbench_file is not None),
         progress={True: "true", False: "false"}.get(progress, progress),
+        parallel=_parallel(resolved["parallel"]),
         resolved=resolved,
     )
 

@@ -94,10 +94,16 @@ def test_unsupported_pipelines_fail_with_one_line():
         assert "\n" not in message and f"got {name}" in message and "WanPipeline" in message
 
 
-def test_context_parallel_is_not_implemented():
+def test_context_parallel_refusals_in_one_line():
+    """Ulysses runs (tests/test_parallel.py); ring attention and configs without context parallelism are refused."""
+    from diffusers import ContextParallelConfig, ParallelConfig
+
     q = torch.randn(1, 32, 2, 8)
-    with pytest.raises(NotImplementedError, match="context parallelism"):
+    with pytest.raises(ValueError, match="runs under context parallelism only"):
         xattn_backend(q, q, q, _parallel_config=object())
+    ring = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=2))
+    with pytest.raises(ValueError, match=r"^ring_degree=2 is not supported by the xattn backend: [^\n]*$"):
+        xattn_backend(q, q, q, _parallel_config=ring)
 
 
 # ---------------------------------------------------------------------------------------------- whole pipelines

@@ -8,6 +8,7 @@ only for the diffusers versions it was tested with (:data:`SUPPORTED`); any othe
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import diffusers
@@ -105,6 +106,66 @@ def supports_context_parallel(name: str) -> bool:
     return _AttentionBackendRegistry._is_context_parallel_available(AttentionBackendName(name))
 
 
+# ---------------------------------------------------------------------------------------------- context parallelism
+
+
+def templated_context_parallel_attention(query, key, value, attn_mask, scale, *, forward_op, parallel_config):
+    """diffusers' context-parallel attention (``_templated_context_parallel_attention``) around ``forward_op``:
+    under Ulysses it exchanges q/k/v by all-to-all so that ``forward_op`` sees the whole sequence for this rank's
+    heads (and all-gathers a mask given per rank), then exchanges the output back. Inference only (no LSE, no
+    dropout, not causal, no grouped-query)."""
+    from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+
+    return _templated_context_parallel_attention(
+        query,
+        key,
+        value,
+        attn_mask,
+        0.0,
+        False,
+        scale,
+        False,
+        False,
+        forward_op=forward_op,
+        backward_op=None,
+        _parallel_config=parallel_config,
+    )
+
+
+def context_parallel_input(split_dim: int, expected_dims: int, split_output: bool = False):
+    """diffusers' ``ContextParallelInput`` (a ``_cp_plan`` entry: split a module's input or output)."""
+    from diffusers.models._modeling_parallel import ContextParallelInput
+
+    return ContextParallelInput(split_dim=split_dim, expected_dims=expected_dims, split_output=split_output)
+
+
+def context_parallel_output(gather_dim: int, expected_dims: int):
+    """diffusers' ``ContextParallelOutput`` (a ``_cp_plan`` entry: gather a module's output)."""
+    from diffusers.models._modeling_parallel import ContextParallelOutput
+
+    return ContextParallelOutput(gather_dim=gather_dim, expected_dims=expected_dims)
+
+
+@contextlib.contextmanager
+def cpu_device_index():
+    """While it is open, ``torch.accelerator.device_count()`` is 1 on a machine without an accelerator.
+
+    diffusers 0.42's ``ModelMixin._resolve_parallel_config`` (run by ``enable_parallelism``) takes the device
+    index as ``rank % torch.accelerator.device_count()``, which divides by zero on a CPU-only machine (gloo);
+    the device it makes there is the CPU whatever the index. With an accelerator this does nothing."""
+    import torch
+
+    if torch.accelerator.device_count() > 0:
+        yield
+        return
+    original = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = original
+
+
 # ---------------------------------------------------------------------------------------------- hooks
 
 
@@ -122,8 +183,12 @@ __all__ = [
     "backend_member",
     "cache_context",
     "check_diffusers_version",
+    "context_parallel_input",
+    "context_parallel_output",
+    "cpu_device_index",
     "native_backend",
     "register_backend",
     "set_active_backend",
     "supports_context_parallel",
+    "templated_context_parallel_attention",
 ]

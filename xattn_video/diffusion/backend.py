@@ -3,8 +3,8 @@
 :func:`register_xattn_backend` makes ``"xattn"`` a diffusers backend name (``set_attention_backend("xattn")``,
 ``with attention_backend("xattn"):``). The backend function itself only routes:
 
-- context parallelism (``_parallel_config``): not implemented yet, an error (the backend is registered as
-  context-parallel capable so that a Ulysses run can select it once it is);
+- context parallelism (``_parallel_config``): Ulysses through diffusers' templated attention, the op below per
+  rank on its heads (:mod:`.parallel`); ring attention is refused;
 - ``return_lse``, dropout, ``is_causal``, and calls that need gradients: diffusers' native backend, unchanged;
 - everything else: the ``xattn_video::attention`` custom op (:mod:`.attention_op`), which decides at run time
   between native (cross-attention, short sequences, masks it cannot honour) and XAttention over the valid segment.
@@ -65,10 +65,11 @@ def xattn_backend(
     _parallel_config=None,
 ) -> torch.Tensor:
     """diffusers backend ``xattn``: q/k/v ``[B, S, H, D]``, the arguments of diffusers' native backend."""
-    if _parallel_config is not None:
-        raise NotImplementedError(
-            "the xattn backend does not run under context parallelism yet; use set_attention_backend('native') "
-            "for parallel runs"
+    if _parallel_config is not None:  # Ulysses: diffusers' all-to-all around the same op (see .parallel)
+        from .parallel import parallel_attention
+
+        return parallel_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse, _parallel_config
         )
     reason = None
     if return_lse:
