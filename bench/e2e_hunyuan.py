@@ -99,33 +99,17 @@ SMOKE_TEXT_TOKENS = 32
 
 
 def import_project() -> None:
-    """Make ``xattn_video`` (with its ``kernels`` subpackage) importable, installed or not.
-
-    Installed (``pip install --no-deps --no-build-isolation -e .``) it imports as is. From a bare checkout the
-    repository root goes on ``sys.path`` and ``kernels/`` is mapped to ``xattn_video.kernels``, as setuptools'
-    ``package-dir`` does for an install.
-    """
-    import importlib.util
+    """Make ``xattn_video`` importable, installed (``pip install --no-deps --no-build-isolation -e .``) or from a
+    bare checkout (the repository root goes on ``sys.path``)."""
     from pathlib import Path
 
     try:
-        import xattn_video.kernels  # noqa: F401
+        import xattn_video  # noqa: F401
 
         return
     except ImportError:
         pass
-    root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root))
-    import xattn_video
-
-    if "xattn_video.kernels" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "xattn_video.kernels", root / "kernels" / "__init__.py", submodule_search_locations=[str(root / "kernels")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["xattn_video.kernels"] = module
-        spec.loader.exec_module(module)
-        xattn_video.kernels = module
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 # ---------------------------------------------------------------------------------------------- timing

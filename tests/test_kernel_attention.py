@@ -1,4 +1,4 @@
-"""Block-sparse attention kernel (kernels/block_sparse_attention.py) against the torch reference and SDPA.
+"""Block-sparse attention kernel (xattn_video/kernels/block_sparse_attention.py) against the torch reference and SDPA.
 
 On a machine without CUDA these run in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET),
 so the shapes are small: a few hundred tokens, batch 2, four query heads.

@@ -1,4 +1,4 @@
-"""kernels/estimate.py: the Triton block estimate against block_scores_torch, and block_scores_torch against
+"""xattn_video/kernels/estimate.py: the Triton block estimate against block_scores_torch, and block_scores_torch against
 a float64 reference written here from the definition (antidiagonal sums of the token logit matrix)."""
 
 from __future__ import annotations

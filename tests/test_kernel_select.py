@@ -1,4 +1,4 @@
-"""kernels/select.py: the Triton block selection equals select_blocks_torch, and hand-derived small cases."""
+"""xattn_video/kernels/select.py: the Triton block selection equals select_blocks_torch and hand-derived cases."""
 
 from __future__ import annotations
 
