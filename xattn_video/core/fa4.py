@@ -119,7 +119,7 @@ def use_fa4_dense(backend: str, q: torch.Tensor) -> bool:
         if reason is not None:
             raise RuntimeError(f"backend='fa4' cannot run here: {reason}")
         return True
-    return backend == "auto" and q.is_cuda and problem_for(q, block_size=None) is None
+    return backend == "auto" and problem_for(q, block_size=None) is None
 
 
 class BlockSparseFields(NamedTuple):

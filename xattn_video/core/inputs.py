@@ -127,6 +127,6 @@ def resolve_backend_for(backend: str, q: torch.Tensor, *, block_size: int, atten
         if reason is not None:
             raise RuntimeError(f"backend='fa4' cannot run here: {reason}")
         return "fa4"
-    if backend == "auto" and q.is_cuda and problem_for(q, block_size=block_size) is None:
+    if backend == "auto" and problem_for(q, block_size=block_size) is None:
         return "fa4"
     return resolve_backend(backend, q.device)
