@@ -202,3 +202,26 @@ def test_fa4_sparse_through_xattn_attention_matches_triton():
     a = xattn_attention(q, k, v, threshold=0.9, stride=8, backend="fa4")
     b = xattn_attention(q, k, v, threshold=0.9, stride=8, backend="triton")
     assert rel_err(a, b) < 1e-2
+
+
+@pytest.mark.gpu
+def test_processor_on_fa4_matches_the_triton_backend():
+    """The HunyuanVideo processor (padded text rows, dense warmup then a sparse step) on FA4 against the same
+    processor on the Triton kernel, under bfloat16 autocast."""
+    if not fa4_runs():
+        pytest.skip("needs FlashAttention-4 on a Hopper GPU")
+    import xattn_video
+    from xattn_video.testing.tiny import build_tiny_hunyuan_pipeline
+
+    pipe = build_tiny_hunyuan_pipeline(seed=0).to("cuda")
+    latents = torch.randn(1, 4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    outs, procs = {}, {}
+    for backend in ("fa4", "triton"):
+        procs[backend] = xattn_video.enable(pipe, threshold=0.5, stride=8, warmup_steps=1, backend=backend)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outs[backend] = pipe("a cat walks on the grass", latents=latents, num_inference_steps=2,
+                                 output_type="latent", height=128, width=128, num_frames=9).frames  # fmt: skip
+    steps = procs["fa4"].stats["generations"][0]["steps"]
+    assert [s["mode"] for s in steps] == ["dense", "sparse"] and steps[1]["density"] < 1
+    assert torch.isfinite(outs["fa4"]).all()
+    assert rel_err(outs["fa4"], outs["triton"]) < 2e-2
