@@ -98,6 +98,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="only a small FA4 check against the torch reference")
+    parser.add_argument("--no-fa4", action="store_true", help="skip FA4 (the float8 kernel and the baselines only)")
+    parser.add_argument(
+        "--fp8-configs",
+        nargs="*",
+        default=["128,128,8,3"],
+        help="float8 kernel tiles to time, each block_m,block_n,num_warps,num_stages",
+    )
     args = parser.parse_args()
     if args.smoke:
         return smoke()
@@ -111,7 +118,8 @@ def main() -> int:
     }
     print("environment:", env, flush=True)
     reason = fa4.problem_for(torch.empty(1, 1, 1, args.head_dim, device=dev, dtype=torch.bfloat16), block_size=128)
-    if reason is not None:
+    use_fa4 = not args.no_fa4
+    if use_fa4 and reason is not None:
         print(f"FA4 cannot run here: {reason}", file=sys.stderr)
         return 2
 
@@ -138,9 +146,11 @@ def main() -> int:
         return lambda: fa4.fa4_block_sparse_attention(q, k, v, sel.kv_count, sel.kv_indices, block_size=128,
                                                       causal=False)  # fmt: skip
 
-    def fp8_sparse(sel, block_n=128):
+    def fp8_sparse(sel, config="128,128,8,3"):
+        bm, bn, warps, stages = (int(x) for x in config.split(","))
         return lambda: block_sparse_attention_fp8(q, k, v, sel.kv_count, sel.kv_indices, block_size=128,
-                                                  causal=False, block_n=block_n)  # fmt: skip
+                                                  causal=False, block_m=bm, block_n=bn, num_warps=warps,
+                                                  num_stages=stages)  # fmt: skip
 
     def cudnn_dense():
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
@@ -149,12 +159,14 @@ def main() -> int:
     # ------------------------------------------------------------------ checks
     checks = {}
     ref_dense = cudnn_dense()
-    checks["fa4_dense_vs_cudnn"] = rel_err(fa4.fa4_dense_attention(q, k, v), ref_dense)
+    if use_fa4:
+        checks["fa4_dense_vs_cudnn"] = rel_err(fa4.fa4_dense_attention(q, k, v), ref_dense)
     for label, _, sel in selections:
         tri = triton_sparse(sel)()
-        checks[f"fa4_sparse_vs_triton [{label}]"] = rel_err(fa4_sparse(sel)(), tri)
-        checks[f"fp8_vs_bf16_triton [{label}]"] = rel_err(fp8_sparse(sel)(), tri)
-        checks[f"fp8_bn64_vs_bf16_triton [{label}]"] = rel_err(fp8_sparse(sel, 64)(), tri)
+        if use_fa4:
+            checks[f"fa4_sparse_vs_triton [{label}]"] = rel_err(fa4_sparse(sel)(), tri)
+        for cfg in args.fp8_configs:
+            checks[f"fp8 {cfg} vs bf16_triton [{label}]"] = rel_err(fp8_sparse(sel, cfg)(), tri)
     del ref_dense
     for name, value in checks.items():
         print(f"check {name}: rel err {value:.2e}", flush=True)
@@ -173,17 +185,23 @@ def main() -> int:
         print(f"{what:55s} {density:6.3f} {ms:9.2f} ms {rows[-1]['tflops']:6.0f} TFLOP/s", flush=True)
 
     row("cuDNN SDPA dense", 1.0, bench_ms(cudnn_dense, args.repeats))
-    row("FA4 dense", 1.0, bench_ms(lambda: fa4.fa4_dense_attention(q, k, v), args.repeats))
+    if use_fa4:
+        row("FA4 dense", 1.0, bench_ms(lambda: fa4.fa4_dense_attention(q, k, v), args.repeats))
     for label, density, sel in selections:
         row(f"Triton sparse bf16 [{label}]", density, bench_ms(triton_sparse(sel), args.repeats))
-        row(f"FA4 sparse bf16 [{label}]", density, bench_ms(fa4_sparse(sel), args.repeats))
-        row(f"Triton sparse fp8 128x128 [{label}]", density, bench_ms(fp8_sparse(sel), args.repeats))
-        row(f"Triton sparse fp8 128x64 [{label}]", density, bench_ms(fp8_sparse(sel, 64), args.repeats))
+        if use_fa4:
+            row(f"FA4 sparse bf16 [{label}]", density, bench_ms(fa4_sparse(sel), args.repeats))
+        for cfg in args.fp8_configs:
+            row(f"Triton sparse fp8 {cfg} [{label}]", density, bench_ms(fp8_sparse(sel, cfg), args.repeats))
 
-    overhead = {
-        "fa4_fields_gpu_ms": bench_ms(lambda: fa4.block_sparse_fields(xsel.kv_count, xsel.kv_indices, 128), 20),
-        "fa4_fields_host_us": host_us(lambda: fa4.block_sparse_fields(xsel.kv_count, xsel.kv_indices, 128)),
-        "fa4_checks_host_us": host_us(lambda: fa4.problem_for(q, block_size=128)),
+    overhead = {}
+    if use_fa4:
+        overhead["fa4_fields_gpu_ms"] = bench_ms(
+            lambda: fa4.block_sparse_fields(xsel.kv_count, xsel.kv_indices, 128), 20
+        )
+        overhead["fa4_fields_host_us"] = host_us(lambda: fa4.block_sparse_fields(xsel.kv_count, xsel.kv_indices, 128))
+        overhead["fa4_checks_host_us"] = host_us(lambda: fa4.problem_for(q, block_size=128))
+    overhead |= {
         "fp8_quantize_gpu_ms": bench_ms(
             lambda: quantize_for_attention(q, k, v, block_size=128, scale=dim**-0.5, block_d=128), args.repeats
         ),  # fmt: skip

@@ -27,8 +27,8 @@ Why these scales
     P lies in [0, 1] after the running-max subtraction, so one fixed scale (448) uses e4m3's whole range.
 
 Layout
-    The launcher quantises in torch (a few memory passes, well under 1% of the attention's time at video sizes)
-    into padded buffers: q8/k8 [B, H, blocks * block_size, BLOCK_D] and V transposed, v8t [B, Hkv, BLOCK_D, Nk_pad],
+    The launcher quantises with three fused Triton passes (torch under the interpreter, whose float8 casts
+    misround; the GPU tests check the two agree bit for bit) into padded buffers: q8/k8 [B, H, blocks * block_size, BLOCK_D] and V transposed, v8t [B, Hkv, BLOCK_D, Nk_pad],
     so that both float8 products read their reduction dimension contiguously (what Hopper's float8 tensor core
     instructions require) and no load needs a bounds mask. Grid, schedules, tails and grouped-query handling are
     those of the 16-bit kernel.
@@ -232,6 +232,57 @@ def _block_sparse_attention_fp8_fwd(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=((m0 + offs_m)[:, None] < N_Q) & (offs_d < HEAD_DIM)[None, :])
 
 
+@triton.jit
+def _pow2_at_least(amax):
+    """The smallest power of two >= amax / 448 (exact: from the bits of the float32 quotient), 1 where amax is 0."""
+    x = amax / 448.0
+    bits = x.to(tl.int32, bitcast=True)
+    expo = bits & 0x7F800000
+    scale = tl.where((bits & 0x007FFFFF) == 0, expo, expo + 0x00800000).to(tl.float32, bitcast=True)
+    return tl.where(amax > 0, scale, 1.0)
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    X, Y, S, stride_xb, stride_xh, stride_xn, H, N, N_PAD, N_BLOCKS, s_factor,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """One block of ROWS tokens of one head: its power-of-two scale, and its rows as e4m3 into the padded Y."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = blk * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (rows < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    x_ptrs = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    x = tl.load(x_ptrs + rows.to(tl.int64)[:, None] * stride_xn + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    scale = _pow2_at_least(tl.max(tl.max(tl.abs(x), 1), 0))
+    y_ptrs = Y + bh.to(tl.int64) * N_PAD * BLOCK_D + rows.to(tl.int64)[:, None] * BLOCK_D + offs_d[None, :]
+    tl.store(y_ptrs, (x / scale).to(Y.dtype.element_ty))
+    tl.store(S + bh.to(tl.int64) * N_BLOCKS + blk, scale * s_factor)
+
+
+@triton.jit
+def _quantize_v_kernel(
+    X, Y, SV, stride_xb, stride_xh, stride_xn, N, N_PAD,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """ROWS tokens of V of one head divided by the per-channel scales, stored transposed ([BLOCK_D, N_PAD]) as e4m3."""
+    blk = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b.to(tl.int64) * tl.num_programs(1) + h
+    rows = blk * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (rows < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    x_ptrs = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    x = tl.load(x_ptrs + rows.to(tl.int64)[:, None] * stride_xn + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    sv = tl.load(SV + bh * BLOCK_D + offs_d)
+    y = tl.trans((x / sv[None, :]).to(Y.dtype.element_ty))  # [BLOCK_D, ROWS]
+    tl.store(Y + bh * BLOCK_D * N_PAD + offs_d.to(tl.int64)[:, None] * N_PAD + rows[None, :], y)
+
+
 def _blocked_amax(x: torch.Tensor, block: int) -> torch.Tensor:
     """amax(|x|) over each run of ``block`` rows: x [B, H, N_pad, D] -> [B, H, N_pad // block] float32."""
     batch, heads, n, dim = x.shape
@@ -261,6 +312,9 @@ def quantize_for_attention(
     [B, Hkv, block_d, nkb*bs] (V transposed) and sv [B, Hkv, block_d]; float32 scales (sq, sk, sv powers of two)."""
     n_q, n_k = q.shape[2], k.shape[2]
     rows_q, rows_k = -(-n_q // block_size) * block_size, -(-n_k // block_size) * block_size
+    if q.is_cuda and not INTERPRETED:
+        return _quantize_triton(q, k, v, block_size=block_size, scale=scale, block_d=block_d)
+    # the interpreter's float8 casts misround some values: its tests quantise with torch (exact), as here
     qp, kp, vp = _pad(q, rows_q, block_d), _pad(k, rows_k, block_d), _pad(v, rows_k, block_d)
     sq = _pow2_scale(_blocked_amax(qp, block_size))
     sk = _pow2_scale(_blocked_amax(kp, block_size))
@@ -270,6 +324,30 @@ def quantize_for_attention(
     v8t = _e4m3(vp.float(), sv[:, :, None, :]).transpose(-1, -2).contiguous()
     qs = sq * (scale * LOG2E)
     return q8.contiguous(), qs.contiguous(), k8.contiguous(), sk.contiguous(), v8t, sv.contiguous()
+
+
+def _quantize_triton(q, k, v, *, block_size: int, scale: float, block_d: int) -> tuple[torch.Tensor, ...]:
+    """:func:`quantize_for_attention` in three fused passes (q, k: one read each; V: its channel amax, then one
+    quantise-and-transpose pass); the same values as the torch path (tested on the GPU)."""
+    batch, heads, n_q, dim = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    n_qb, n_kb = -(-n_q // block_size), -(-n_k // block_size)
+    fp8 = torch.float8_e4m3fn
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q8 = torch.empty(batch, heads, n_qb * block_size, block_d, dtype=fp8, device=q.device)
+    k8 = torch.empty(batch, kv_heads, n_kb * block_size, block_d, dtype=fp8, device=q.device)
+    qs = torch.empty(batch, heads, n_qb, dtype=torch.float32, device=q.device)
+    sk = torch.empty(batch, kv_heads, n_kb, dtype=torch.float32, device=q.device)
+    common = dict(HEAD_DIM=dim, BLOCK_D=block_d, ROWS=block_size, num_warps=8)
+    for x, y, s_out, n, n_b, h, factor in ((q, q8, qs, n_q, n_qb, heads, scale * LOG2E),
+                                          (k, k8, sk, n_k, n_kb, kv_heads, 1.0)):  # fmt: skip
+        _quantize_rows_kernel[(n_b, batch * h)](
+            x, y, s_out, *x.stride()[:3], h, n, n_b * block_size, n_b, factor, **common
+        )  # fmt: skip
+    sv = _pow2_scale(_pad(v.abs().amax(2, keepdim=True), 1, block_d)[:, :, 0])  # [B, Hkv, block_d]
+    v8t = torch.empty(batch, kv_heads, block_d, n_kb * block_size, dtype=fp8, device=q.device)
+    _quantize_v_kernel[(n_kb, kv_heads, batch)](v, v8t, sv, *v.stride()[:3], n_k, n_kb * block_size, **common)
+    return q8, qs, k8, sk, v8t, sv
 
 
 def block_sparse_attention_fp8(
