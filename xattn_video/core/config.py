@@ -59,10 +59,11 @@ class XAttnConfig:
         tensor). On an H100 it halves the estimate's time (24.3 -> 12.3 ms at 119,056 tokens) and changes
         about 0.15% of the kept blocks at threshold 0.9 (bench/tune.py); the attention itself stays exact.
         Off by default: the default estimate is the paper's, in the inputs' precision.
-    attention_fp8: run the attention over the kept blocks in float8 e4m3 (q/k per-block scales, P and V in
-        float8 with float32 accumulation; :mod:`xattn_video.kernels.block_sparse_attention_fp8`). Approximate
-        (about 1e-2 relative error); needs the Triton kernel, so it implies backend "triton" under "auto". Off by
-        default: the attention is exact.
+    attention_fp8: run the attention over the kept blocks in float8 e4m3 (q/k per-block and V per-channel scales,
+        P in float8, float32 accumulation; :mod:`xattn_video.kernels.block_sparse_attention_fp8`). Approximate: 5-7%
+        relative error at 119,056 video-like tokens, 1-7% per layer on the trained fixture; on an H100 1.25x the
+        bf16 Triton kernel, level with FlashAttention-4's exact bf16 (docs/benchmarks.md). Runs on the Triton
+        kernel, so "auto" resolves to "triton" with it. Off by default: the attention is exact.
     """
 
     threshold: float = 0.9
