@@ -225,3 +225,53 @@ def test_processor_on_fa4_matches_the_triton_backend():
     assert [s["mode"] for s in steps] == ["dense", "sparse"] and steps[1]["density"] < 1
     assert torch.isfinite(outs["fa4"]).all()
     assert rel_err(outs["fa4"], outs["triton"]) < 2e-2
+
+
+# ------------------------------------------------------- the adapter's plumbing on the CPU, FA4 stood in for
+
+
+def fake_flash_attn_func(q, k, v, softmax_scale=None, causal=False, block_sparse_tensors=None):
+    """FA4's ``flash_attn_func`` contract in torch ([B, S, H, D] in and out, blocks read from the fields as FA4
+    reads them), so that the adapter's layouts, fields and ``out`` handling can run where FA4 cannot."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if block_sparse_tensors is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale, enable_gqa=True)
+    else:
+        mask = mask_from_fa4_fields(block_sparse_tensors, math.ceil(k.shape[2] / 128))
+        out = block_sparse_attention_torch(q, k, v, mask, block_size=128, causal=causal, scale=softmax_scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@pytest.fixture
+def fake_fa4(monkeypatch):
+    monkeypatch.setattr(fa4, "problem_for", lambda q, block_size: None)
+    monkeypatch.setattr(fa4, "_flash_attn_func", lambda: fake_flash_attn_func)
+    monkeypatch.setattr(fa4, "_block_sparse_tensors", lambda fields: fields)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_adapter_layouts_match_the_torch_backend(fake_fa4, causal):
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, 700, 32, generator=gen) * 2
+    k, v = torch.randn(1, 2, 700, 32, generator=gen), torch.randn(1, 2, 700, 32, generator=gen)
+    args = dict(threshold=0.5, stride=4, causal=causal)
+    got, stats = xattn_attention(q, k, v, **args, backend="fa4", return_stats=True)
+    want = xattn_attention(q, k, v, **args, backend="torch")
+    assert stats.backend == "fa4" and stats.density < 1
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    out = torch.empty(1, 700, 4, 32).transpose(1, 2)  # the processor's [B, N, H, D]-backed output
+    xattn_attention(q, k, v, **args, backend="fa4", out=out)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_processor_padded_rows_and_dense_path_on_the_adapter(fake_fa4):
+    from xattn_video import XAttnProcessor
+
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 2, 700, 32, generator=gen)
+    k, v = torch.randn(1, 2, 460, 32, generator=gen), torch.randn(1, 2, 460, 32, generator=gen)
+    got, _ = XAttnProcessor(threshold=0.8, backend="fa4").sparse_attention(q, k, v)
+    want, _ = XAttnProcessor(threshold=0.8, backend="torch").sparse_attention(q, k, v)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    dense = XAttnProcessor(backend="fa4").dense_attention(q, k, v)
+    torch.testing.assert_close(dense, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)

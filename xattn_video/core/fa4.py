@@ -160,6 +160,12 @@ def _flash_attn_func():
     return flash_attn_func
 
 
+def _block_sparse_tensors(fields: BlockSparseFields):
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    return BlockSparseTensorsTorch(**fields._asdict())
+
+
 def _to_bshd(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2)  # [B, H, N, D] -> [B, N, H, D], a view: FA4 takes any 16-byte-aligned strides
 
@@ -207,10 +213,7 @@ def fa4_block_sparse_attention(
     reason = problem_for(q, block_size=block_size)
     if reason is not None:
         raise RuntimeError(f"backend='fa4' cannot run here: {reason}")
-    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-
-    fields = block_sparse_fields(kv_count, kv_indices, block_size)
-    tensors = BlockSparseTensorsTorch(**fields._asdict())
+    tensors = _block_sparse_tensors(block_sparse_fields(kv_count, kv_indices, block_size))
     with torch.no_grad():
         result, _ = _flash_attn_func()(
             _to_bshd(q), _to_bshd(k), _to_bshd(v), softmax_scale=scale, causal=causal, block_sparse_tensors=tensors
