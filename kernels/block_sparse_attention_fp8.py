@@ -28,7 +28,8 @@ Why these scales
 
 Layout
     The launcher quantises with three fused Triton passes (torch under the interpreter, whose float8 casts
-    misround; the GPU tests check the two agree bit for bit) into padded buffers: q8/k8 [B, H, blocks * block_size, BLOCK_D] and V transposed, v8t [B, Hkv, BLOCK_D, Nk_pad],
+    misround; the GPU tests check the two agree bit for bit) into padded buffers: q8/k8
+    [B, H, blocks * block_size, BLOCK_D] and V transposed, v8t [B, Hkv, BLOCK_D, Nk_pad],
     so that both float8 products read their reduction dimension contiguously (what Hopper's float8 tensor core
     instructions require) and no load needs a bounds mask. Grid, schedules, tails and grouped-query handling are
     those of the 16-bit kernel.
