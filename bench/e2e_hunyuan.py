@@ -16,7 +16,10 @@ prompt: diffusers' stock processor masks them, the XAttention processor drops th
 
 Variants (``--variants``):
   stock         diffusers' HunyuanVideoAttnProcessor2_0 (SDPA with the key-padding mask)
-  dense         XAttnProcessor on a dense (warmup) step: unmasked SDPA over the valid segment, cuDNN first
+  dense         XAttnProcessor on a dense (warmup) step over the valid segment, with ``--backend``'s dense kernel:
+                FlashAttention-4's dense forward for fa4 (and for auto where FA4 runs), else unmasked SDPA, cuDNN
+                first. The reference of the "vs dense" column and of the output comparison
+  dense-cudnn   the same step on cuDNN SDPA whatever ``--backend``; dense-fa4: on FA4's dense forward
   xattn-T       XAttnProcessor at threshold T (stride ``--stride``) on a sparse step
   ...+fp8       the same with the float8 block estimate (``estimate_fp8=True``), e.g. fixed-0.35+fp8
   ...@backend   dense, xattn-T and fixed-D through the ``xattn`` diffusers attention backend instead of the
@@ -24,6 +27,8 @@ Variants (``--variants``):
                 dispatching to the backend; fixed-D through the session's ``select_blocks`` override point, with
                 the same random blocks as the processor's fixed-D), e.g. ``dense@backend fixed-0.35@backend``:
                 which integration is faster for HunyuanVideo, and by how much
+  ...+fp8attn   the same with float8 attention over the kept blocks (``attention_fp8=True``, the Triton float8
+                kernel; ``--attention-fp8`` adds it to every xattn/fixed variant), e.g. fixed-0.35+fp8+fp8attn
   fixed-D       FIXED DENSITY: XAttnProcessor with its block choice replaced by random blocks at density D (each
                 query-block row keeps round(D x blocks) random key blocks); the real estimate still runs and
                 is timed. Random weights give nearly
@@ -48,6 +53,8 @@ Needs torch with CUDA, triton, diffusers >= 0.42 and transformers; the project i
     python bench/e2e_hunyuan.py --sizes 544x960 --variants stock dense xattn-0.9 fixed-0.1 --repeats 3
     python bench/e2e_hunyuan.py --sizes 720x1280 --variants dense dense@backend fixed-0.35 fixed-0.35@backend
     python bench/e2e_hunyuan.py --smoke                           # CPU smoke test of this script
+    python bench/e2e_hunyuan.py --sizes 720x1280 --backend fa4 \
+        --variants dense dense-cudnn stock fixed-0.35 fixed-0.35+fp8attn fixed-0.15   # FA4 dense as the baseline
 """
 
 from __future__ import annotations
@@ -308,26 +315,31 @@ def split_integration(name: str) -> tuple[str, str]:
     return name, "processor"
 
 
-def parse_variant(name: str) -> tuple[str, float | None, bool]:
-    """(kind, threshold or density, float8 estimate) of a variant name (an ``@backend`` suffix is ignored here:
-    :func:`split_integration` reads it)."""
+DENSE_VARIANTS = {"dense": None, "dense-cudnn": "triton", "dense-fa4": "fa4"}  # -> the processor's backend
+
+
+def parse_variant(name: str) -> tuple[str, float | None, bool, bool]:
+    """(kind, threshold or density, float8 estimate, float8 attention) of a variant name (an ``@backend`` suffix
+    is ignored here: :func:`split_integration` reads it)."""
     name, integration = split_integration(name)
     if name == "stock" and integration == "backend":
         raise ValueError("stock@backend is not a variant: stock is diffusers' own processors and backend")
-    if name in ("stock", "dense"):
-        return name, None, False
-    base, fp8 = (name[: -len("+fp8")], True) if name.endswith("+fp8") else (name, False)
-    for prefix in ("xattn-", "fixed-"):
-        if base.startswith(prefix):
-            try:
-                value = float(base[len(prefix) :])
-            except ValueError:
-                break
-            if 0 < value <= 1:
-                return prefix[:-1], value, fp8
+    if name == "stock" or name in DENSE_VARIANTS:
+        return ("dense" if name in DENSE_VARIANTS else name), None, False, False
+    base, suffixes = name.split("+")[0], name.split("+")[1:]
+    if set(suffixes) <= {"fp8", "fp8attn"} and len(set(suffixes)) == len(suffixes):
+        for prefix in ("xattn-", "fixed-"):
+            if base.startswith(prefix):
+                try:
+                    value = float(base[len(prefix) :])
+                except ValueError:
+                    break
+                if 0 < value <= 1:
+                    return prefix[:-1], value, "fp8" in suffixes, "fp8attn" in suffixes
     raise ValueError(
-        f"unknown variant {name!r}: use stock, dense, xattn-<threshold>, fixed-<density> (0 < x <= 1), the last "
-        "two optionally with +fp8 (float8 estimate), and all but stock optionally with @backend (the xattn backend)"
+        f"unknown variant {name!r}: use stock, dense, dense-cudnn, dense-fa4, xattn-<threshold>, fixed-<density> "
+        "(0 < x <= 1), the last two optionally with +fp8 (float8 estimate) and/or +fp8attn (float8 attention), and "
+        "all but stock optionally with @backend (the xattn backend)"
     )
 
 
@@ -350,7 +362,8 @@ def set_variant(model, variant: str, args):
     import xattn_video
     from xattn_video.diffusion.steps import StepTracker
 
-    kind, value, fp8 = parse_variant(variant)
+    kind, value, fp8, fp8attn = parse_variant(variant)
+    fp8attn = fp8attn or (args.attention_fp8 and kind in ("xattn", "fixed"))
     integration = split_integration(variant)[1]
     tracker = StepTracker.of(model)
     if tracker is not None:
@@ -358,24 +371,31 @@ def set_variant(model, variant: str, args):
     if kind == "stock":
         stock_processors(model)
         return None
-    common = dict(stride=args.stride, block_size=128, backend=args.backend)
+    backend = args.backend
     if integration == "backend":
+        common = dict(stride=args.stride, block_size=128, backend=backend)
         if args.min_len is not None:
             common["min_len"] = args.min_len
         if kind == "dense":  # every forward repeats step 0: a warmup longer than any run keeps it dense
+            common["backend"] = DENSE_VARIANTS[split_integration(variant)[0]] or backend
             return xattn_video.enable(model, integration="backend", threshold=0.9, warmup_steps=10**9, **common)
+        common.update(estimate_fp8=fp8, attention_fp8=fp8attn)
+        if fp8attn and backend not in ("auto", "triton"):  # the float8 kernel is Triton's: "auto" picks it
+            common["backend"] = "auto"
         if kind == "xattn":
-            return xattn_video.enable(
-                model, integration="backend", threshold=value, warmup_steps=0, estimate_fp8=fp8, **common
-            )
+            return xattn_video.enable(model, integration="backend", threshold=value, warmup_steps=0, **common)
         stock_processors(model)  # the backend runs under diffusers' own processors
-        session = fixed_density_session_class()(value, threshold=0.9, warmup_steps=0, estimate_fp8=fp8, **common)
+        session = fixed_density_session_class()(value, threshold=0.9, warmup_steps=0, **common)
         return session.attach([model])
     if kind == "dense":  # every forward here is step 0 (same timestep and latents): warmup keeps it dense
-        return xattn_video.enable(model, threshold=0.9, warmup_steps=1, **common)
+        backend = DENSE_VARIANTS[variant] or backend
+        return xattn_video.enable(model, threshold=0.9, warmup_steps=1, stride=args.stride, backend=backend)
+    if fp8attn and backend not in ("auto", "triton"):  # the float8 kernel is Triton's: "auto" picks it
+        backend = "auto"
+    common = dict(stride=args.stride, block_size=128, backend=backend, estimate_fp8=fp8, attention_fp8=fp8attn)
     if kind == "xattn":
-        return xattn_video.enable(model, threshold=value, warmup_steps=0, estimate_fp8=fp8, **common)
-    proc = fixed_density_processor_class()(value, threshold=0.9, warmup_steps=0, estimate_fp8=fp8, **common)
+        return xattn_video.enable(model, threshold=value, warmup_steps=0, **common)
+    proc = fixed_density_processor_class()(value, threshold=0.9, warmup_steps=0, **common)
     model.set_attn_processor(proc)
     return proc.attach(model)
 
@@ -428,9 +448,8 @@ def run_variant(model, variant, inputs, args, clock, deadline, expected_s, ref_o
         kind="fixed-density" if variant.startswith("fixed-") else "measured",
         integration=split_integration(variant)[1],
     )
-    warm_up_s = (
-        5.0 if split_integration(variant)[0] in ("stock", "dense") else 20.0
-    )  # Triton compiles / autotunes at a new shape
+    base = split_integration(variant)[0]
+    warm_up_s = 5.0 if base in ("stock", "dense-cudnn") else 20.0  # Triton / CuTe compile at a new shape
     if expected_s and time.monotonic() + 1.15 * expected_s + warm_up_s > deadline:
         row["skipped"] = f"skipped: time budget (a forward would take ~{expected_s:.0f} s)"
         return row, None
@@ -606,11 +625,19 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         nargs="+",
         default=DEFAULT_VARIANTS,
-        help="stock, dense, xattn-<threshold>, fixed-<density>; append +fp8 for the float8 estimate",
+        help="stock, dense, dense-cudnn, dense-fa4, xattn-<threshold>, fixed-<density>; append +fp8 for the float8 "
+        "estimate, +fp8attn for float8 attention, @backend for the xattn diffusers backend instead of the processor",
     )
     parser.add_argument("--repeats", type=int, default=2, help="timed forwards per variant (median reported)")
     parser.add_argument("--stride", type=int, default=8, help="XAttention antidiagonal stride")
-    parser.add_argument("--backend", default="auto", help="xattn_attention backend: auto, triton, flex, torch")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        help="xattn_attention backend: auto (fa4 where FlashAttention-4 runs, else triton), fa4, triton, flex, torch",
+    )
+    parser.add_argument(
+        "--attention-fp8", action="store_true", help="float8 attention (attention_fp8=True) on every sparse variant"
+    )
     parser.add_argument("--text-valid", type=int, default=None, help="valid text tokens of 256 (default 120)")
     parser.add_argument(
         "--budget-s", type=float, default=520.0, help="start no forward that would end after this many seconds"

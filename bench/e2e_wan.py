@@ -197,7 +197,7 @@ def enable_variant(model, variant: str, args):
     """Put the variant on ``model``; returns the xattn session (None for stock)."""
     import xattn_video
 
-    kind, value, fp8 = parse_variant(variant)
+    kind, value, fp8, fp8attn = parse_variant(variant)
     if kind == "stock":
         model.set_attention_backend(args.stock_backend)
         return None
@@ -205,8 +205,12 @@ def enable_variant(model, variant: str, args):
     if kind == "dense":  # every forward here repeats step 0: a warmup longer than any run keeps it dense
         return xattn_video.enable(model, threshold=0.9, warmup_steps=10**9, **common)
     if kind == "xattn":
-        return xattn_video.enable(model, threshold=value, warmup_steps=0, estimate_fp8=fp8, **common)
-    session = fixed_density_session_class()(value, threshold=0.9, warmup_steps=0, estimate_fp8=fp8, **common)
+        return xattn_video.enable(
+            model, threshold=value, warmup_steps=0, estimate_fp8=fp8, attention_fp8=fp8attn, **common
+        )
+    session = fixed_density_session_class()(
+        value, threshold=0.9, warmup_steps=0, estimate_fp8=fp8, attention_fp8=fp8attn, **common
+    )
     return session.attach([model])
 
 

@@ -165,6 +165,7 @@ def test_print_config_roundtrip(tmp_path):
         (["attention.block_size=100"], ["attention.block_size", "100", "power of two"]),
         (["attention.backend=cuda"], ["attention.backend", "'cuda'", "triton"]),
         (["attention.estimate_fp8=maybe"], ["attention.estimate_fp8", "'maybe'", "true or false"]),
+        (["attention.attention_fp8=1"], ["attention.attention_fp8", "1", "true or false"]),
         (["attention.warmup_steps=-1"], ["attention.warmup_steps", "-1", ">= 0"]),
         (["attention.dense_layers=[0, x]"], ["attention.dense_layers[1]", "'x'", "index"]),
         (["attention.variants.dense.threshold=0.5"], ["attention.variants.dense.threshold", "mode dense"]),
@@ -346,3 +347,12 @@ def test_job_state_needs_video_and_matching_sidecar(tmp_path):
     layout.sidecar(job).write_text(json.dumps({"key": job.key}))
     assert job_state(job, layout, keep_latents=False) == "done"
     assert job_state(job, layout, keep_latents=True) == "todo"  # latents asked for but missing
+
+
+
+def test_attention_fp8_reaches_the_variants():
+    """attention.attention_fp8: off by default, inherited by xattn variants, a variant may set its own."""
+    assert [v.attention_fp8 for v in load_config(None, []).variants if v.mode == "xattn"] == [False]
+    cfg = load_config(None, ["attention.attention_fp8=true", "attention.variants={a: {mode: xattn}, "
+                             "b: {mode: xattn, attention_fp8: false}}"])  # fmt: skip
+    assert {v.name: v.attention_fp8 for v in cfg.variants} == {"a": True, "b": False}

@@ -73,8 +73,25 @@ class _Timer:
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:], strict=False)]
 
 
-def _sparse_attention(backend: str) -> Callable[..., torch.Tensor]:
-    """``attend(q, k, v, selection, *, block_size, causal, scale, out)`` for a resolved backend."""
+def _sparse_attention(backend: str, *, fp8: bool = False) -> Callable[..., torch.Tensor]:
+    """``attend(q, k, v, selection, *, block_size, causal, scale, out)`` for a resolved backend (``fp8``: the
+    float8 Triton kernel, backend "triton")."""
+    if fp8:
+        from ..kernels.block_sparse_attention_fp8 import block_sparse_attention_fp8
+
+        def run_fp8(q, k, v, sel: BlockSelection, *, out=None, **kw):
+            if out is not None and out.stride(-1) != 1:
+                return out.copy_(block_sparse_attention_fp8(q, k, v, sel.kv_count, sel.kv_indices, **kw))
+            return block_sparse_attention_fp8(q, k, v, sel.kv_count, sel.kv_indices, out=out, **kw)
+
+        return run_fp8
+    if backend == "fa4":
+        from .fa4 import fa4_block_sparse_attention
+
+        def run_fa4(q, k, v, sel: BlockSelection, *, schedule=None, **kw):  # FA4 schedules its own tiles
+            return fa4_block_sparse_attention(q, k, v, sel.kv_count, sel.kv_indices, **kw)
+
+        return run_fa4
     if backend == "triton":
         from ..kernels.block_sparse_attention import block_sparse_attention_triton
 
@@ -157,6 +174,7 @@ def xattn_attention(
     backend: str = "auto",
     scale: float | None = None,
     estimate_fp8: bool = False,
+    attention_fp8: bool = False,
     out: torch.Tensor | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, XAttnStats]:
@@ -165,7 +183,8 @@ def xattn_attention(
     q [batch, heads, Nq, head_dim], k/v [batch, kv_heads, Nk, head_dim] (SDPA layout; heads a multiple of
     kv_heads), any token count, bfloat16/float16/float32. ``scale`` defaults to 1/sqrt(head_dim) and also
     scales the estimate's logits. ``estimate_fp8`` scores blocks on float8 e4m3 copies of q and k (about
-    twice as fast on Hopper; see :class:`XAttnConfig`). ``out`` (q's shape, dtype and device, any strides)
+    twice as fast on Hopper; see :class:`XAttnConfig`). ``attention_fp8`` runs the attention over the kept blocks
+    in float8 (Triton; approximate, see :class:`XAttnConfig`). ``out`` (q's shape, dtype and device, any strides)
     receives the result in place (the Triton backend writes it directly when its last dim is contiguous, and
     through a temporary otherwise). Returns the output in q's shape and dtype, and with ``return_stats`` an
     :class:`XAttnStats`. ``threshold=1.0`` keeps every block and equals
@@ -175,13 +194,17 @@ def xattn_attention(
     Under ``torch.autocast`` q, k and v are cast to the autocast dtype of their device first, as SDPA's
     autocast rule does (so float32 q/k from an RMS norm beside bfloat16 v work), and the output has that dtype.
 
-    Backends: "triton" (this project's kernels; CUDA), "flex" (FlexAttention with a BlockMask), "torch"
-    (reference, any device), "auto" (triton on CUDA, torch elsewhere). Asking for a backend that cannot
-    run on the inputs' device raises instead of switching. NaN or Inf in q or k raise a ValueError (the
+    Backends: "fa4" (FlashAttention-4's block-sparse forward; Hopper, bfloat16/float16, head_dim <= 128,
+    block_size 128; ``pip install 'xattn-video[fa4]'``), "triton" (this project's kernels; CUDA), "flex"
+    (FlexAttention with a BlockMask), "torch" (reference, any device), "auto" (fa4 where it runs the inputs, else
+    triton on CUDA, torch elsewhere). Asking for a backend that cannot run on the inputs raises a one-line
+    error naming why instead of switching. NaN or Inf in q or k raise a ValueError (the
     estimate is undefined); NaN in v propagates to the rows that attend to it, as in SDPA.
     """
     q, k, v = autocast_inputs(q, k, v)
-    config = checked_config(q, k, v, XAttnConfig(threshold, stride, block_size, causal, backend, estimate_fp8))
+    config = checked_config(
+        q, k, v, XAttnConfig(threshold, stride, block_size, causal, backend, estimate_fp8, attention_fp8)
+    )
     result, pending = run_xattn(q, k, v, config, scale=scale, out=out, timed=return_stats)
     return (result, pending.resolve()) if return_stats else result
 
@@ -207,7 +230,7 @@ def run_xattn(
     if q.shape[0] == 0:  # an empty batch: nothing to attend, as SDPA returns an empty tensor
         result = q.new_empty(q.shape) if out is None else out
     else:
-        attend = _sparse_attention(config.backend)
+        attend = _sparse_attention(config.backend, fp8=config.attention_fp8)
         result = attend(q, k, v, selection, block_size=config.block_size, causal=config.causal, scale=scale, out=out)
     timer.mark()
     if not timed:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-BACKENDS = ("auto", "triton", "flex", "torch")
+BACKENDS = ("auto", "fa4", "triton", "flex", "torch")
 
 
 def check_threshold(threshold: float) -> float:
@@ -53,11 +53,17 @@ class XAttnConfig:
         the QK^T product.
     block_size: tokens per query/key block (power of two, 16..256; 128 matches the kernels' tiles).
     causal: causal attention (video LLM prefill); the diagonal and the first block are always kept.
-    backend: "auto" (triton on CUDA, torch elsewhere), "triton", "flex" or "torch".
+    backend: "auto" (fa4 where FlashAttention-4 is installed and runs the inputs, else triton on CUDA, torch
+        elsewhere), "fa4" (FlashAttention-4's block-sparse forward, Hopper), "triton", "flex" or "torch".
     estimate_fp8: run the estimate's strided product on q and k quantised to float8 e4m3 (one scale per
         tensor). On an H100 it halves the estimate's time (24.3 -> 12.3 ms at 119,056 tokens) and changes
         about 0.15% of the kept blocks at threshold 0.9 (bench/tune.py); the attention itself stays exact.
         Off by default: the default estimate is the paper's, in the inputs' precision.
+    attention_fp8: run the attention over the kept blocks in float8 e4m3 (q/k per-block and V per-channel scales,
+        P in float8, float32 accumulation; :mod:`xattn_video.kernels.block_sparse_attention_fp8`). Approximate: 5-7%
+        relative error at 119,056 video-like tokens, 1-7% per layer on the trained fixture; on an H100 1.25x the
+        bf16 Triton kernel, level with FlashAttention-4's exact bf16 (docs/benchmarks.md). Runs on the Triton
+        kernel, so "auto" resolves to "triton" with it. Off by default: the attention is exact.
     """
 
     threshold: float = 0.9
@@ -66,6 +72,7 @@ class XAttnConfig:
     causal: bool = False
     backend: str = "auto"
     estimate_fp8: bool = False
+    attention_fp8: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", check_threshold(self.threshold))
@@ -76,6 +83,13 @@ class XAttnConfig:
         check_backend(self.backend)
         if not isinstance(self.estimate_fp8, bool):
             raise TypeError(f"estimate_fp8 must be a bool, got {self.estimate_fp8!r}")
+        if not isinstance(self.attention_fp8, bool):
+            raise TypeError(f"attention_fp8 must be a bool, got {self.attention_fp8!r}")
+        if self.attention_fp8 and self.backend not in ("auto", "triton"):
+            raise ValueError(
+                "attention_fp8=True runs on the Triton kernel: backend must be 'auto' or 'triton', "
+                f"got {self.backend!r}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

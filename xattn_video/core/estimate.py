@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from .config import XAttnConfig
-from .inputs import autocast_inputs, check_qkv, resolve_backend
+from .inputs import autocast_inputs, check_qkv, resolve_backend_for
 from .reference import block_scores_torch, fp8_roundtrip, select_blocks_torch
 
 
@@ -48,12 +48,12 @@ def estimate_blocks(
 ) -> BlockSelection:
     """Score blocks and select them, with checked inputs and a resolved backend in ``config``.
 
-    The Triton estimate serves the ``triton`` backend and ``flex`` on CUDA; ``torch`` everywhere else. Both
+    The Triton estimate serves the ``triton`` and ``fa4`` backends and ``flex`` on CUDA; ``torch`` everywhere else. Both
     compute the same function (the Triton kernels are tested against the torch reference).
     """
     if config.threshold >= 1.0 or q.shape[0] == 0:  # every block; for an empty batch, empty tensors
         return all_blocks(q, k.shape[2], block_size=config.block_size, causal=config.causal)
-    use_triton = config.backend == "triton" or (config.backend == "flex" and q.is_cuda)
+    use_triton = config.backend in ("triton", "fa4") or (config.backend == "flex" and q.is_cuda)
     if use_triton:
         from ..kernels.estimate import block_scores_triton
         from ..kernels.select import select_blocks_triton
@@ -113,4 +113,5 @@ def estimate_block_mask(
 def checked_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, config: XAttnConfig) -> XAttnConfig:
     """Check the tensors against a validated config; return it with "auto" resolved for their device."""
     check_qkv(q, k, v, causal=config.causal)
-    return replace(config, backend=resolve_backend(config.backend, q.device))
+    backend = resolve_backend_for(config.backend, q, block_size=config.block_size, attention_fp8=config.attention_fp8)
+    return replace(config, backend=backend)

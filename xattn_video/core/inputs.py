@@ -80,7 +80,12 @@ def triton_usable(device: torch.device) -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map "auto" to a concrete backend; an explicit backend that cannot run here is an error, never a switch."""
+    """Map "auto" to a concrete backend; an explicit backend that cannot run here is an error, never a switch.
+
+    This is the device-only answer (``auto``: triton on CUDA, torch elsewhere); :func:`resolve_backend_for` also
+    weighs the inputs and prefers FlashAttention-4 where it runs them."""
+    if backend == "fa4":
+        raise RuntimeError("backend='fa4' is resolved against the inputs: use resolve_backend_for")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if backend == "triton" and not triton_usable(device):
@@ -94,3 +99,34 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         except ImportError as err:  # pragma: no cover - triton ships with Linux torch builds
             raise RuntimeError("backend='triton' needs the triton package: pip install triton") from err
     return backend
+
+
+def resolve_backend_for(backend: str, q: torch.Tensor, *, block_size: int, attention_fp8: bool = False) -> str:
+    """The backend that runs XAttention on ``q``'s device, dtype and head dim.
+
+    "auto": "fa4" where FlashAttention-4 is installed and runs these inputs (Hopper, bfloat16/float16,
+    head_dim <= 128, block_size 128), else "triton" on CUDA and "torch" elsewhere; with ``attention_fp8`` the
+    float8 kernel is Triton's, so "triton" (CUDA or TRITON_INTERPRET=1). "fa4" where it cannot run: a one-line
+    RuntimeError naming why."""
+    from .fa4 import problem_for
+
+    if attention_fp8:
+        if backend == "auto" and triton_usable(q.device):
+            return "triton"
+        if backend not in ("auto", "triton"):
+            raise ValueError(
+                f"attention_fp8=True runs on the Triton kernel: backend must be 'auto' or 'triton', got {backend!r}"
+            )
+        if not triton_usable(q.device):
+            raise RuntimeError(
+                f"attention_fp8=True needs the Triton kernel: CUDA tensors (got {q.device}) or TRITON_INTERPRET=1"
+            )
+        return resolve_backend("triton", q.device)
+    if backend == "fa4":
+        reason = problem_for(q, block_size=block_size)
+        if reason is not None:
+            raise RuntimeError(f"backend='fa4' cannot run here: {reason}")
+        return "fa4"
+    if backend == "auto" and problem_for(q, block_size=block_size) is None:
+        return "fa4"
+    return resolve_backend(backend, q.device)

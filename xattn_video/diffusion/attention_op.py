@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..core.attention import PendingStats, _per_head_total, _sparse_attention, _Timer
 from ..core.estimate import checked_config
+from ..core.fa4 import fa4_dense_attention, use_fa4_dense
 from ..core.inputs import MAX_HEAD_DIM, SUPPORTED_DTYPES
 from ..core.token_order import TokenOrder, tiled_order
 from . import _diffusers_private as private
@@ -216,6 +217,14 @@ def _(query, key, value, attn_mask, scale, enable_gqa):
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
+def _dense(backend: str, q, k, v, scale, gqa: bool) -> torch.Tensor:
+    """Dense attention of a valid segment: FlashAttention-4 where the session's backend asks for it ("fa4", or
+    "auto" where FA4 runs the inputs), else SDPA."""
+    if use_fa4_dense(backend, q):
+        return fa4_dense_attention(q, k, v, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+
+
 def _groups(lengths: list[int]) -> list[tuple[slice, int, int]]:
     """(batch slice, valid length, samples): one group when all samples share a length, else one per sample."""
     if len(set(lengths)) == 1:
@@ -237,7 +246,7 @@ def _attend_valid(session, query, key, value, lengths, see_keys, dense, scale, s
         if dense:
             timer = _Timer(q.device, enabled=True)
             rows = q[index] if see_keys else qg  # padded rows that see the valid keys ride along
-            o[index, :, : rows.shape[2]] = F.scaled_dot_product_attention(rows, kg, vg, scale=scale, enable_gqa=gqa)
+            o[index, :, : rows.shape[2]] = _dense(session.config.backend, rows, kg, vg, scale, gqa)
             timer.mark()
             timers.append(timer)
             if session.probe is not None:  # report mode only

@@ -116,7 +116,9 @@ class XAttnSession:
     """Settings, step count and statistics of XAttention on one pipeline's transformers (the ``xattn`` backend).
 
     Args:
-        threshold, stride, block_size, backend, estimate_fp8: XAttention's parameters (:class:`XAttnConfig`).
+        threshold, stride, block_size, backend, estimate_fp8, attention_fp8: XAttention's parameters
+            (:class:`XAttnConfig`). Dense steps and layers run on FlashAttention-4's dense forward where the backend
+            is "fa4", or "auto" and FA4 runs the inputs; on SDPA otherwise.
         warmup_steps: the first ``warmup_steps`` steps of every generation run dense.
         warmup_fraction: or the first ``ceil(warmup_fraction * steps)`` steps (the number of steps read from the
             pipeline at each generation's first forward); not both.
@@ -142,10 +144,11 @@ class XAttnSession:
         backend: str = "auto",
         estimate_fp8: bool = False,
         min_len: int = DEFAULT_MIN_LEN,
+        attention_fp8: bool = False,
         token_order: str = "raster",
         tile: tuple[int, int, int] | None = None,
     ) -> None:
-        self.config = XAttnConfig(threshold, stride, block_size, False, backend, estimate_fp8)
+        self.config = XAttnConfig(threshold, stride, block_size, False, backend, estimate_fp8, attention_fp8)
         self.token_order = check_token_order(token_order)
         self.tile = default_tile(block_size) if tile is None else check_tile(tile)
         if warmup_steps is not None and warmup_fraction is not None:
@@ -202,6 +205,7 @@ class XAttnSession:
     block_size = property(lambda self: self.config.block_size)
     backend = property(lambda self: self.config.backend)
     estimate_fp8 = property(lambda self: self.config.estimate_fp8)
+    attention_fp8 = property(lambda self: self.config.attention_fp8)
 
     def settings(self) -> dict:
         return {
@@ -214,6 +218,7 @@ class XAttnSession:
             "dense_layers": sorted(self.dense_layers),
             "backend": self.backend,
             "estimate_fp8": self.estimate_fp8,
+            "attention_fp8": self.attention_fp8,
             "min_len": self.min_len,
             "token_order": self.token_order,
             "tile": list(self.tile),

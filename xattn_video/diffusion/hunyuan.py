@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from ..core.attention import PendingStats, XAttnStats, _per_head_total, _sparse_attention, _Timer
 from ..core.config import XAttnConfig
 from ..core.estimate import BlockSelection, append_dense_rows, checked_config, estimate_blocks
+from ..core.fa4 import fa4_dense_attention, use_fa4_dense
 from ..core.inputs import autocast_inputs
 from ..core.token_order import TokenOrder, check_tile, check_token_order, default_tile, grid_from_latents, tiled_order
 from .stats import StepStats, write_json_atomic
@@ -131,9 +132,12 @@ class XAttnProcessor:
         dense_layers: joint attention layer indices kept dense at every step: 0..num_layers-1 are the
             double-stream blocks, then the single-stream blocks follow (HunyuanVideo 13B: 0..19 double,
             20..59 single). Needs :meth:`attach`.
-        backend: ``xattn_attention`` backend for sparse steps: "auto", "triton", "flex" or "torch".
+        backend: ``xattn_attention`` backend for sparse steps: "auto", "fa4", "triton", "flex" or "torch". With
+            "fa4", or "auto" where FlashAttention-4 runs the inputs, dense steps and layers use FA4's dense forward.
         estimate_fp8: score blocks on float8 e4m3 copies of q and k (about twice as fast on Hopper, about 0.15%
             of kept blocks change at threshold 0.9; see :class:`~xattn_video.XAttnConfig`). Attention stays exact.
+        attention_fp8: sparse attention in float8 on the Triton kernel (approximate; see
+            :class:`~xattn_video.XAttnConfig`). Dense steps and layers stay exact.
         token_order: "raster" (diffusers' order: frame, row, column) or "tiled": on sparse calls the video tokens
             are regrouped into 3D tiles of ``tile`` so that blocks are compact neighbourhoods (see the module
             docs). Needs the video grid: call :meth:`attach` (or use :func:`enable`).
@@ -159,8 +163,9 @@ class XAttnProcessor:
         estimate_fp8: bool = False,
         token_order: str = "raster",
         tile: tuple[int, int, int] | None = None,
+        attention_fp8: bool = False,
     ):
-        self.config = XAttnConfig(threshold, stride, block_size, False, backend, estimate_fp8)
+        self.config = XAttnConfig(threshold, stride, block_size, False, backend, estimate_fp8, attention_fp8)
         self.token_order = check_token_order(token_order)
         self.tile = default_tile(block_size) if tile is None else check_tile(tile)
         self._patch: tuple[int, int] | None = None  # the attached transformer's (patch_size, patch_size_t)
@@ -184,13 +189,14 @@ class XAttnProcessor:
     block_size = property(lambda self: self.config.block_size)
     backend = property(lambda self: self.config.backend)
     estimate_fp8 = property(lambda self: self.config.estimate_fp8)
+    attention_fp8 = property(lambda self: self.config.attention_fp8)
 
     def __repr__(self) -> str:
         return (
             f"XAttnProcessor(threshold={self.threshold}, stride={self.stride}, block_size={self.block_size}, "
             f"warmup_steps={self.warmup_steps}, dense_layers={tuple(sorted(self.dense_layers))}, "
             f"backend={self.backend!r}, estimate_fp8={self.estimate_fp8}, token_order={self.token_order!r}, "
-            f"tile={self.tile})"
+            f"tile={self.tile}, attention_fp8={self.attention_fp8})"
         )
 
     def settings(self) -> dict:
@@ -204,6 +210,7 @@ class XAttnProcessor:
             "estimate_fp8": self.estimate_fp8,
             "token_order": self.token_order,
             "tile": list(self.tile),
+            "attention_fp8": self.attention_fp8,
         }
 
     # ----------------------------------------------------------------- attach
@@ -460,8 +467,9 @@ class XAttnProcessor:
         return out, mode, kept, total, estimate_ms, attention_ms, timers
 
     def dense_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Dense unmasked attention, [B, H, N, D] layout: SDPA (cuDNN first on CUDA), or the diffusers attention
-        backend set on this processor with ``transformer.set_attention_backend(...)``."""
+        """Dense unmasked attention, [B, H, N, D] layout: the diffusers attention backend set on this processor with
+        ``transformer.set_attention_backend(...)``; else FlashAttention-4's dense forward where the backend is "fa4",
+        or "auto" and FA4 runs the inputs; else SDPA (cuDNN first on CUDA)."""
         if self._parallel_config is not None:
             raise NotImplementedError("XAttnProcessor does not support diffusers' context parallelism")
         if self._attention_backend is not None:
@@ -471,6 +479,8 @@ class XAttnProcessor:
                 *(t.permute(0, 2, 1, 3) for t in (q, k, v)), attn_mask=None, backend=self._attention_backend
             )
             return out.permute(0, 2, 1, 3)
+        if use_fa4_dense(self.backend, q):
+            return fa4_dense_attention(q, k, v)
         return _dense_sdpa(q, k, v)
 
     def select_blocks(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
@@ -500,7 +510,7 @@ class XAttnProcessor:
             attend_selection = append_dense_rows(selection, _blocks(n, self.block_size))
             if config.backend == "triton":  # the dense rows first, so that no long program runs alone at the end
                 extra["schedule"] = "heavy_first"
-        attend = _sparse_attention(config.backend)
+        attend = _sparse_attention(config.backend, fp8=config.attention_fp8)
         out = attend(q, k, v, attend_selection, block_size=self.block_size, causal=False, scale=None, out=out, **extra)
         timer.mark()
         kept_per_head = selection.kv_count.sum(-1).float()
@@ -690,7 +700,7 @@ def _output(attn, hidden_states, encoder_hidden_states):
 def enable(pipe_or_transformer, **kwargs) -> XAttnProcessor:
     """Put an :class:`XAttnProcessor` on a HunyuanVideo pipeline's transformer (or a transformer) and attach
     its step tracking; ``kwargs`` are the processor's (threshold, stride, block_size, warmup_steps,
-    dense_layers, backend, estimate_fp8, token_order, tile). Returns the processor, whose
+    dense_layers, backend, estimate_fp8, token_order, tile, attention_fp8). Returns the processor, whose
     :attr:`~XAttnProcessor.stats` fill as it runs."""
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
     if not hasattr(transformer, "set_attn_processor"):

@@ -70,8 +70,9 @@ attention:                  # shared by every xattn variant unless the variant s
   block_size: 128           # power of two, 16..256
   warmup_steps: 1           # first denoising steps run dense
   dense_layers: []          # transformer block indices that always run dense
-  backend: auto             # auto | triton | flex | torch
+  backend: auto             # auto | fa4 | triton | flex | torch (auto: fa4 where FlashAttention-4 runs, else triton)
   estimate_fp8: false       # score blocks on float8 copies of q/k: ~2x faster estimate on Hopper
+  attention_fp8: false      # float8 attention over the kept blocks (Triton kernel; approximate; backend auto|triton)
   min_len: null             # xattn backend (every family but HunyuanVideo): self-attention shorter than this runs
                             # native (null: the backend's default, 12288 tokens)
   select: null              # run only these variants (list of names); null: all
@@ -96,7 +97,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 TINY_MODEL_IDS = {"tiny": "hunyuan", "tiny-hunyuan": "hunyuan", "tiny-hunyuan15": "hunyuan15", "tiny-wan21": "wan21",
                   "tiny-wan22_a14b": "wan22_a14b", "tiny-wan22_ti2v": "wan22_ti2v"}
 MODES = ("dense", "xattn", "stock")
-XATTN_KEYS = (*COMMON_XATTN_KEYS, "warmup_steps", "dense_layers", "min_len")
+XATTN_KEYS = (*COMMON_XATTN_KEYS, "warmup_steps", "dense_layers", "min_len", "attention_fp8")
 DEFAULT_NAMING = "{prompt_index:04d}_{slug}_seed{seed}_{k}"
 VBENCH_NAMING = "{prompt}-{index}"
 NAMING_FIELDS = ("prompt", "slug", "prompt_index", "seed", "k", "index")
@@ -160,6 +161,7 @@ class Variant:
     backend: str | None = None
     estimate_fp8: bool | None = None
     min_len: int | None = None  # xattn backend only; None: its default
+    attention_fp8: bool | None = None
 
     def settings(self) -> dict:
         """The settings that shape the video (no name): part of each video's fingerprint."""
@@ -375,6 +377,8 @@ def _xattn_setting(path: str, key: str, value: Any, block_size: int) -> Any:
         return _dense_layers(path, value)
     if key == "min_len":
         return None if value is None else _int(path, value, 1, None, "an integer >= 1 (tokens), or null")
+    if key == "attention_fp8":
+        return _bool(path, value)
     return common_xattn_setting(path, key, value, block_size)
 
 

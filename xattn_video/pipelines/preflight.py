@@ -207,6 +207,9 @@ def check_backends_on_device(variants: Iterable[Any], device: str, key: str = "a
         ):
             raise ConfigError(f"{key}.backend = 'triton' (variant {v.name}) is not allowed on {device}: the triton "
                               "backend needs a CUDA device; use auto (triton on CUDA, torch elsewhere), torch or flex")
+        if getattr(v, "mode", "xattn") == "xattn" and getattr(v, "backend", None) == "fa4" and device == "cpu":
+            raise ConfigError(f"{key}.backend = 'fa4' (variant {v.name}) is not allowed on cpu: FlashAttention-4 needs "
+                              "a Hopper GPU; use auto, torch or flex")
 
 
 __all__ = [
