@@ -49,6 +49,7 @@ class ForwardState:
     position: StepPosition
     dense_step: bool
     self_calls: int = 0  # self-attention calls so far in this forward: the next one is layer `self_calls`
+    kind: tuple = ()  # (transformer, cond/uncond or forward of the step): whose kept blocks it reuses
 
 
 _ACTIVE: list[ForwardState | None] = [None]
@@ -241,7 +242,8 @@ def _attend_valid(session, query, key, value, lengths, see_keys, dense, scale, s
         else:
             config = checked_config(qg, kg, vg, session.config)
             target = o[index, :, :length]
-            result, pending = run_xattn(qg, kg, vg, config, scale=scale, out=target, timed=True)
+            reuse = session.reuse.slot((*state.kind, layer, index.start), state.position, qg, kg)
+            result, pending = run_xattn(qg, kg, vg, config, scale=scale, out=target, timed=True, reuse=reuse)
             if result is not target:
                 target.copy_(result)
             total += pending.total_blocks

@@ -26,6 +26,7 @@ import torch
 from ..core.config import XAttnConfig
 from . import _diffusers_private as private
 from .attention_op import count_native
+from .refresh import BlockReuse, check_refresh_every
 from .stats import StepStats, write_json_atomic
 from .step_hooks import HOOK_NAME, XAttnStepHook, register, steps_from_scheduler, unregister
 from .steps import StepPosition, StepTracker
@@ -115,6 +116,9 @@ class XAttnSession:
             pipeline at each generation's first forward); not both.
         dense_layers: layer (transformer block) indices kept dense at every step.
         min_len: self-attention calls with fewer tokens run native (default :data:`DEFAULT_MIN_LEN`).
+        refresh_every: estimate the kept blocks at one sparse step and reuse them for the next
+            ``refresh_every - 1`` steps, per transformer, forward kind (cond/uncond), layer and sample group
+            (:mod:`xattn_video.diffusion.refresh`); 1 (default) estimates at every sparse step.
     """
 
     def __init__(
@@ -128,8 +132,11 @@ class XAttnSession:
         backend: str = "auto",
         estimate_fp8: bool = False,
         min_len: int = DEFAULT_MIN_LEN,
+        refresh_every: int = 1,
     ) -> None:
         self.config = XAttnConfig(threshold, stride, block_size, False, backend, estimate_fp8)
+        self.refresh_every = check_refresh_every(refresh_every)
+        self.reuse = BlockReuse(self.refresh_every)
         if warmup_steps is not None and warmup_fraction is not None:
             raise ValueError("warmup_steps and warmup_fraction: pass one of them, not both")
         self.warmup_steps = _check_nonneg_int("warmup_steps", 0 if warmup_steps is None else warmup_steps)
@@ -173,6 +180,7 @@ class XAttnSession:
             "backend": self.backend,
             "estimate_fp8": self.estimate_fp8,
             "min_len": self.min_len,
+            "refresh_every": self.refresh_every,
         }
 
     def __repr__(self) -> str:
@@ -287,6 +295,7 @@ class XAttnSession:
             processor._attention_backend = previous
         self._transformers = []
         self._saved_backends = []
+        self.reuse.clear()
 
     disable = detach
 
