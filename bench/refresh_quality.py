@@ -25,21 +25,52 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+try:
+    import xattn_video
+except ImportError:  # a bare checkout (installed, the repository root must stay off sys.path: its kernels/ folder
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # would hide Hugging Face's `kernels` package)
+    import xattn_video
+from xattn_video.pipelines.metrics import mse_per_frame, ssim_per_frame, video_psnr
+from xattn_video.testing.fixture import generate, load_fixture
+from xattn_video.testing.procedural import sample_specs
 
-from fixture_quality import PROMPT_SEED, score, sparse_density, summary, to_u8  # noqa: E402
-
-import xattn_video  # noqa: E402
-from xattn_video.testing.fixture import generate, load_fixture  # noqa: E402
-from xattn_video.testing.procedural import sample_specs  # noqa: E402
+PROMPT_SEED = 77_000  # the held-out captions of bench/fixture_quality.py
 
 
-def reuse_counts(stats: dict) -> dict:
+def to_u8(videos: torch.Tensor) -> np.ndarray:
+    return (videos.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def score(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """PSNR of the whole video and mean SSIM over frames (uint8 [T, H, W, 3]), as bench/fixture_quality.py."""
+    return {
+        "psnr": video_psnr(mse_per_frame(reference, candidate)),
+        "ssim": float(np.mean(ssim_per_frame(reference, candidate))),
+    }
+
+
+def summary(values: list) -> dict:
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": None, "std": None, "min": None, "max": None}
+    finite = arr[np.isfinite(arr)]
+    return {
+        "mean": float(arr.mean()),
+        "std": float(finite.std()) if finite.size else None,
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+    }
+
+
+def step_counts(stats: dict) -> dict:
+    """Sparse-step block density and how the sparse calls got their blocks, over the last generation."""
     steps = stats["generations"][-1]["steps"]
+    sparse = [s for s in steps if s["mode"] != "dense"]
+    kept, total = sum(s["kept_blocks"] for s in sparse), sum(s["total_blocks"] for s in sparse)
     estimated = sum(s["estimated_calls"] for s in steps)
     reused = sum(s["reused_calls"] for s in steps)
     return {
+        "sparse_density": kept / total if total else None,
         "estimated_calls": estimated,
         "reused_calls": reused,
         "reused_share": reused / max(1, estimated + reused),
@@ -152,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                     "caption": c,
                     "seed": seed,
                     **score(ref, video),
-                    **sparse_density(proc.stats),
-                    **reuse_counts(proc.stats),
+                    **step_counts(proc.stats),
                 }
                 if k1_videos is not None:
                     entry["psnr_vs_k1"] = score(k1_videos[len(videos)], video)["psnr"]
