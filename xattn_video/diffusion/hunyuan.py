@@ -52,7 +52,8 @@ stock behaviour: they are handed to diffusers' ``AttnProcessor2_0`` as their ``A
 Statistics (:attr:`XAttnProcessor.stats`, :meth:`~XAttnProcessor.save_stats`, debug-level logging on the
 ``xattn_video.diffusion.hunyuan`` logger after each forward): per generation, step and layer, the block density (kept
 blocks / blocks of the valid segment; exactly 1.0 on dense steps and layers), the estimate time and the
-attention time in milliseconds (CUDA events on a GPU, read lazily; the wall clock on a CPU).
+attention time in milliseconds (CUDA events on a GPU, read lazily; the wall clock on a CPU), and with
+``refresh_every`` whether each sparse call estimated its blocks or reused an earlier step's (estimate 0 ms).
 """
 
 from __future__ import annotations
