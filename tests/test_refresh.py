@@ -178,6 +178,21 @@ def test_processor_per_sample_groups_reuse_their_own_blocks(monkeypatch):
     assert any(a["k"].shape != b["k"].shape for a, b in zip(by_step[1][::2], by_step[1][1::2], strict=True))
 
 
+@pytest.mark.gpu
+def test_processor_reuse_on_cuda_with_the_triton_backend(monkeypatch):
+    """The GPU path (Triton estimate and kernel, padded text rows appended as dense rows): the reused step
+    attends over the estimating step's blocks, as the float64 reference does with that mask."""
+    pipe = build_tiny_hunyuan_pipeline(seed=0).to("cuda")
+    proc = xattn_video.enable(pipe, threshold=THRESHOLD, stride=STRIDE, warmup_steps=0, refresh_every=2)
+    rec = _processor_recorder(monkeypatch, proc)
+    _hunyuan(pipe, steps=2)
+    assert _blocks(proc.stats) == ["estimated", "reused"]
+    calls = {(c["step"], c["call"]): c for c in rec.calls}
+    for layer in range(len(proc.stats["generations"][0]["steps"][0]["layers"])):
+        assert torch.equal(calls[(1, layer)]["mask"], calls[(0, layer)]["mask"])
+        _check_reference({key: t.cpu() if torch.is_tensor(t) else t for key, t in calls[(1, layer)].items()})
+
+
 def test_processor_refresh_needs_the_step():
     proc = XAttnProcessor(threshold=THRESHOLD, refresh_every=2)
     pipe = build_tiny_hunyuan_pipeline(seed=0)
