@@ -79,6 +79,10 @@ def step_counts(stats: dict) -> dict:
     }
 
 
+def meta_device(args) -> str:
+    return torch.cuda.get_device_name() if args.device == "cuda" else args.device
+
+
 def fmt(stat: dict, key: str, spec: str) -> str:
     value = stat.get(key)
     return "-" if value is None else ("inf" if np.isinf(value) else format(value, spec))
@@ -111,6 +115,56 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def block_drift(fixture, transformer, caption: str, seed: int, gen_kw: dict, args, warmup_steps: int) -> dict:
+    """How the kept blocks move: one generation at k=1 keeps every sparse step's estimated mask; for each lag j,
+    over all pairs of sparse steps (s, s+j) and every call (layer, sample): the share of step s+j's blocks that
+    step s also kept (what reusing s's blocks at s+j covers), the share of s's blocks still kept, and their
+    Jaccard index, each as kept-block counts summed over heads."""
+    stock = dict(transformer.attn_processors)
+    proc = xattn_video.enable(
+        transformer,
+        threshold=args.threshold,
+        stride=args.stride,
+        block_size=128,
+        warmup_steps=warmup_steps,
+        token_order=args.order,
+    )
+    masks: dict[int, list[torch.Tensor]] = {}
+    estimate = proc.select_blocks
+
+    def keep(q, k):
+        selection = estimate(q, k)
+        masks.setdefault(proc.tracker.position.step, []).append(selection.mask.cpu())
+        return selection
+
+    proc.select_blocks = keep
+    try:
+        generate(fixture, [caption], [seed], **gen_kw)
+    finally:
+        proc.detach()
+        transformer.set_attn_processor(stock)
+    steps = sorted(masks)
+    rows = []
+    for lag in range(1, len(steps)):
+        covered = kept_later = kept_before = union = 0
+        for s in steps[:-lag]:
+            for a, b in zip(masks[s], masks[s + lag], strict=True):
+                both = int((a & b).sum())
+                covered += both
+                kept_later += int(b.sum())
+                kept_before += int(a.sum())
+                union += int((a | b).sum())
+        rows.append(
+            {
+                "lag": lag,
+                "later_blocks_covered": covered / kept_later,
+                "earlier_blocks_kept": covered / kept_before,
+                "jaccard": covered / union,
+            }
+        )
+    return {"caption": caption, "seed": seed, "sparse_steps": steps, "by_lag": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: $OUT/refresh_quality.json if $OUT)")
@@ -127,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--order", default="raster", choices=["raster", "tiled"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--drift-only", action="store_true", help="only the block drift of one generation")
     args = parser.parse_args(argv)
     if 1 not in args.ks:
         parser.error("--ks must include 1 (the reference for what reuse alone changes)")
@@ -140,12 +195,26 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(c, seed) for seed in args.seeds for c in captions]
     gen_kw = dict(frames=args.frames, height=args.size, width=args.size, steps=args.steps, guidance_scale=args.guidance)
     warmup_steps = round(args.warmup * args.steps)
+    if args.drift_only:
+        drift = block_drift(fixture, transformer, captions[0], args.seeds[0], gen_kw, args, warmup_steps)
+        drift["device"], drift["dtype"] = meta_device(args), args.dtype
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(drift, indent=1) + "\n")
+        print("| steps apart | later step's blocks the earlier kept | earlier blocks still kept | Jaccard |")
+        print("|---:|---:|---:|---:|")
+        for r in drift["by_lag"]:
+            print(
+                f"| {r['lag']} | {r['later_blocks_covered']:.3f} | {r['earlier_blocks_kept']:.3f} | "
+                f"{r['jaccard']:.3f} |"
+            )
+        return 0
     t1 = time.perf_counter()
     references = [to_u8(generate(fixture, [c], [seed], **gen_kw))[0] for c, seed in jobs]
     per_generation = (time.perf_counter() - t1) / len(jobs)
     print(f"{len(jobs)} dense references, {per_generation:.1f} s each", flush=True)
     meta = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+        "device": meta_device(args),
         "dtype": args.dtype,
         "frames": args.frames,
         "size": args.size,
