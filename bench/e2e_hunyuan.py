@@ -37,7 +37,11 @@ Variants (``--variants``):
 
 Per variant: a warm-up forward through the first double- and first single-stream block only (compiles and
 autotunes every kernel at the right shapes at 1/30 of the cost), then ``--repeats`` full forwards timed with
-CUDA events (median reported). Attention time is the sum over layers of the estimate and attention kernels
+CUDA events (median reported). ``--refresh-every K`` (K > 1; xattn and fixed variants): the processor estimates
+the kept blocks every K steps and reuses them in between (``refresh_every``); each timed forward is then a new
+denoising step (its timestep one lower), whole cycles of K forwards are timed (at least ``--repeats``), the first
+of each estimating, and the step time reported is their mean (the estimating and the reusing steps' means are
+in the row too). Attention time is the sum over layers of the estimate and attention kernels
 (the processor's statistics; for stock, CUDA events around diffusers' attention call). Peak memory is
 ``torch.cuda.max_memory_allocated`` over the variant. Before timing: an attention-level check of the dense
 path against stock's masked SDPA at full size, and every variant's output is compared with the dense one.
@@ -365,6 +369,7 @@ def set_variant(model, variant: str, args):
     kind, value, fp8, fp8attn = parse_variant(variant)
     fp8attn = fp8attn or (args.attention_fp8 and kind in ("xattn", "fixed"))
     integration = split_integration(variant)[1]
+    refresh = dict(refresh_every=args.refresh_every) if args.refresh_every > 1 else {}
     tracker = StepTracker.of(model)
     if tracker is not None:
         tracker.detach()
@@ -379,7 +384,7 @@ def set_variant(model, variant: str, args):
         if kind == "dense":  # every forward repeats step 0: a warmup longer than any run keeps it dense
             common["backend"] = DENSE_VARIANTS[split_integration(variant)[0]] or backend
             return xattn_video.enable(model, integration="backend", threshold=0.9, warmup_steps=10**9, **common)
-        common.update(estimate_fp8=fp8, attention_fp8=fp8attn)
+        common.update(estimate_fp8=fp8, attention_fp8=fp8attn, **refresh)
         if fp8attn and backend not in ("auto", "triton"):  # the float8 kernel is Triton's: "auto" picks it
             common["backend"] = "auto"
         if kind == "xattn":
@@ -394,8 +399,8 @@ def set_variant(model, variant: str, args):
         backend = "auto"
     common = dict(stride=args.stride, block_size=128, backend=backend, estimate_fp8=fp8, attention_fp8=fp8attn)
     if kind == "xattn":
-        return xattn_video.enable(model, threshold=value, warmup_steps=0, **common)
-    proc = fixed_density_processor_class()(value, threshold=0.9, warmup_steps=0, **common)
+        return xattn_video.enable(model, threshold=value, warmup_steps=0, **common, **refresh)
+    proc = fixed_density_processor_class()(value, threshold=0.9, warmup_steps=0, **common, **refresh)
     model.set_attn_processor(proc)
     return proc.attach(model)
 
@@ -463,26 +468,31 @@ def run_variant(model, variant, inputs, args, clock, deadline, expected_s, ref_o
 
 def _timed_forwards(model, proc, row, inputs, args, clock, deadline, ref_out):
     device = inputs["hidden_states"].device
+    refresh = args.refresh_every if proc is not None and parse_variant(row["variant"])[0] in ("xattn", "fixed") else 1
+    forwards = args.repeats if refresh == 1 else refresh * math.ceil(args.repeats / refresh)
     stock_timer = StockAttentionTimer(device) if proc is None else contextlib.nullcontext()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    steps, attention, estimates, densities = [], [], [], []
+    steps, attention, estimates, densities, blocks = [], [], [], [], []
     out = None
     with torch.inference_mode(), stock_timer:
         with first_blocks_only(model):
             model(**inputs)
         if proc is None:
             stock_timer.take_ms()
-        for i in range(args.repeats):
+        if refresh > 1:
+            proc.tracker.reset()  # the timed forwards are steps 0, 1, ... of a generation: step 0 estimates
+        for i in range(forwards):
             if i and time.monotonic() + 1.2 * (steps[-1] / 1e3) > deadline:
-                row["repeats_cut"] = f"{i} of {args.repeats} (time budget)"
+                row["repeats_cut"] = f"{i} of {forwards} (time budget)"
                 break
             if proc is not None:
                 proc.reset_stats()
+            step_inputs = inputs if refresh == 1 else dict(inputs, timestep=inputs["timestep"] - i)  # a new step
             start = clock.start()
-            result = model(**inputs)[0]
+            result = model(**step_inputs)[0]
             steps.append(clock.stop_ms(start))
             if out is None:
                 out = result
@@ -491,11 +501,13 @@ def _timed_forwards(model, proc, row, inputs, args, clock, deadline, ref_out):
                 estimates.append(0.0)
                 densities.append(1.0)
             else:
-                totals = proc.stats["totals"]
+                stats = proc.stats
+                totals = stats["totals"]
+                blocks.append([s["blocks"] for g in stats["generations"] for s in g["steps"]][-1])
                 attention.append(totals["attention_ms"] + totals["estimate_ms"])
                 estimates.append(totals["estimate_ms"])
                 densities.append(totals["density"])
-    median = statistics.median(steps)
+    median = statistics.median(steps) if refresh == 1 else statistics.fmean(steps)  # refresh: the cycle's mean
     pick = min(range(len(steps)), key=lambda i: abs(steps[i] - median))  # the forward whose breakdown is shown
     row.update(
         step_s=median / 1e3,
@@ -507,6 +519,19 @@ def _timed_forwards(model, proc, row, inputs, args, clock, deadline, ref_out):
         peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         finite=bool(torch.isfinite(out).all()),
     )
+    if refresh > 1:
+        by = {
+            kind: [s / 1e3 for s, b in zip(steps, blocks, strict=True) if b == kind] for kind in ("estimated", "reused")
+        }
+        row.update(
+            refresh_every=refresh,
+            blocks=blocks,
+            estimate_step_s=statistics.fmean(by["estimated"]) if by["estimated"] else None,
+            reuse_step_s=statistics.fmean(by["reused"]) if by["reused"] else None,
+            estimate_s=statistics.fmean(estimates) / 1e3,  # the estimate's cost per step, averaged over the cycle
+            attention_s=statistics.fmean(attention) / 1e3,
+        )
+        row["attention_share"] = row["attention_s"] / row["step_s"]
     if ref_out is not None:
         row["rel_err_vs_dense"] = rel_err(out, ref_out)
     return row, out
@@ -554,6 +579,12 @@ def run_size(model, label, latent, args, config, device, dtype, clock, deadline,
                 + (
                     f", vs the other integration {row['rel_err_vs_other_integration']:.2e}"
                     if "rel_err_vs_other_integration" in row
+                    else ""
+                )
+                + (
+                    f"; refresh_every {row['refresh_every']}: estimating steps {row['estimate_step_s']:.2f} s, "
+                    f"reusing {row['reuse_step_s']:.2f} s ({' '.join(b[0] for b in row['blocks'])})"
+                    if row.get("refresh_every") and row["reuse_step_s"] is not None
                     else ""
                 ),
                 flush=True,
@@ -610,8 +641,9 @@ def markdown(rows: list[dict]) -> str:
             speed.append(f"{b / r['step_s']:.2f}x" if b else "-")
         err = f"{r['rel_err_vs_dense']:.1e}" if "rel_err_vs_dense" in r else "-"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
+        name = r["variant"] + (f" (refresh_every {r['refresh_every']})" if r.get("refresh_every") else "")
         lines.append(
-            f"| {r['size']} | {r['variant']} | {r['kind']} | {r['step_s']:.2f} | {r['attention_s']:.2f} "
+            f"| {r['size']} | {name} | {r['kind']} | {r['step_s']:.2f} | {r['attention_s']:.2f} "
             f"({100 * r['attention_share']:.0f}%) | {r['estimate_s']:.2f} | {r['density']:.3f} | {peak} | "
             f"{speed[0]} | {speed[1]} | {err} |"
         )
@@ -642,6 +674,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--budget-s", type=float, default=520.0, help="start no forward that would end after this many seconds"
     )
+    parser.add_argument(
+        "--refresh-every",
+        type=int,
+        default=1,
+        help="xattn/fixed variants: estimate the kept blocks every K steps, reuse them in between (default 1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--min-len", type=int, default=None, help="the xattn backend's min_len (@backend variants; default its own)"
@@ -661,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(err))
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.refresh_every < 1:
+        parser.error("--refresh-every must be an integer >= 1")
 
     t0 = time.monotonic()
     deadline = t0 + args.budget_s

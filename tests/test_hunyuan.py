@@ -371,6 +371,7 @@ def test_stats_dict_json_and_debug_log(tmp_path, caplog):
         "token_order": "raster",
         "tile": [2, 8, 8],
         "attention_fp8": False,
+        "refresh_every": 1,
     }
     path = proc.save_stats(tmp_path / "sub" / "stats.json")
     assert json.loads(open(path).read()) == json.loads(json.dumps(stats))

@@ -142,6 +142,7 @@ class PendingStats:
     per_head_total: int
     timer: _Timer
     backend: str
+    reused: bool = False  # the blocks were kept from an earlier step (refresh_every): no estimate ran, 0 ms
 
     @property
     def total_blocks(self) -> int:
@@ -149,6 +150,8 @@ class PendingStats:
 
     def resolve(self) -> XAttnStats:
         estimate_ms, attention_ms = self.timer.phases_ms()
+        if self.reused:
+            estimate_ms = 0.0
         kept_per_head = self.kept_per_head.cpu()
         kept = int(kept_per_head.sum())
         return XAttnStats(
@@ -218,14 +221,23 @@ def run_xattn(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     timed: bool = True,
+    reuse=None,
+    select: Callable[[torch.Tensor, torch.Tensor], BlockSelection] | None = None,
 ) -> tuple[torch.Tensor, PendingStats | None]:
     """:func:`xattn_attention` for a config already checked against the inputs (``checked_config``): the
     output and, when ``timed``, :class:`PendingStats` that are read later, so the call itself never waits for
-    the GPU beyond the estimate's finiteness check."""
+    the GPU beyond the estimate's finiteness check. ``reuse`` (a ``xattn_video.diffusion.refresh.ReuseSlot``):
+    attend over its ``selection`` when it holds one instead of estimating, else estimate and ``store`` it.
+    ``select(q, k)`` replaces the antidiagonal estimate (the diffusers backend's ``select_blocks`` override)."""
     if out is not None:
         _check_out(out, q)
     timer = _Timer(q.device, enabled=timed)
-    selection = estimate_blocks(q, k, config, scale=scale)
+    selection = None if reuse is None else reuse.selection
+    reused = selection is not None
+    if not reused:
+        selection = estimate_blocks(q, k, config, scale=scale) if select is None else select(q, k)
+        if reuse is not None:
+            reuse.store(selection)
     timer.mark()
     if q.shape[0] == 0:  # an empty batch: nothing to attend, as SDPA returns an empty tensor
         result = q.new_empty(q.shape) if out is None else out
@@ -236,7 +248,9 @@ def run_xattn(
     if not timed:
         return result, None
     kept_per_head = selection.kv_count.sum(-1).float()
-    pending = PendingStats(kept_per_head, _per_head_total(selection, causal=config.causal), timer, config.backend)
+    pending = PendingStats(
+        kept_per_head, _per_head_total(selection, causal=config.causal), timer, config.backend, reused
+    )
     return result, pending
 
 

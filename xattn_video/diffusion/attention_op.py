@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..core.attention import PendingStats, _per_head_total, _sparse_attention, _Timer
+from ..core.attention import _Timer, run_xattn
 from ..core.estimate import checked_config
 from ..core.fa4 import fa4_dense_attention, use_fa4_dense
 from ..core.inputs import MAX_HEAD_DIM, SUPPORTED_DTYPES
@@ -52,6 +52,7 @@ class ForwardState:
     dense_step: bool
     self_calls: int = 0  # self-attention calls so far in this forward: the next one is layer `self_calls`
     grid: tuple[int, int, int] | None = None  # the video token grid, when the session's token order is "tiled"
+    kind: tuple = ()  # (transformer, cond/uncond or forward of the step): whose kept blocks it reuses
 
 
 _ACTIVE: list[ForwardState | None] = [None]
@@ -257,7 +258,8 @@ def _attend_valid(session, query, key, value, lengths, see_keys, dense, scale, s
         else:
             target = o[index, :, :length]
             order = _token_order(session, state, length, q.device)
-            result, pending = sparse_valid(session, qg, kg, vg, scale, target, order)
+            reuse = session.reuse.slot((*state.kind, layer, index.start), state.position, qg, kg)
+            result, pending = sparse_valid(session, qg, kg, vg, scale, target, order, reuse)
             if result is not target:
                 target.copy_(result)
             if session.probe is not None:  # report mode only
@@ -275,30 +277,43 @@ def _attend_valid(session, query, key, value, lengths, see_keys, dense, scale, s
     return out
 
 
-def sparse_valid(session, q, k, v, scale: float | None, out: torch.Tensor | None, order: TokenOrder | None = None):
+def sparse_valid(
+    session,
+    q,
+    k,
+    v,
+    scale: float | None,
+    out: torch.Tensor | None,
+    order: TokenOrder | None = None,
+    reuse=None,
+):
     """XAttention over one valid segment (q/k/v [B, H, L, D], no mask) with the session's block choice
     (:meth:`~.backend.XAttnSession.select_blocks`, by default the antidiagonal estimate, as
-    :func:`~xattn_video.xattn_attention`); writes into ``out`` when given. With ``order`` (tiled token order) the
-    video tokens (the first ``order.n_video`` of the segment; text after them stays in place) are gathered into
-    that order first and the output scattered back: exact apart from the block choice. Returns the output and
-    its :class:`PendingStats` (estimate and attention timed, read after the forward)."""
+    :func:`~xattn_video.xattn_attention`), or the kept blocks of an earlier step that ``reuse`` (refresh_every)
+    holds; writes into ``out`` when given. With ``order`` (tiled token order) the video tokens (the first
+    ``order.n_video`` of the segment; text after them stays in place) are gathered into that order first and the
+    output scattered back: exact apart from the block choice. Returns the output and its :class:`PendingStats`
+    (estimate and attention timed, read after the forward)."""
     if order is not None:
         q, k, v = (order.permute(t, dim=2) for t in (q, k, v))
-        result, pending = sparse_valid(session, q, k, v, scale, None)
+        result, pending = sparse_valid(session, q, k, v, scale, None, reuse=reuse)
         result = order.unpermute(result, dim=2)
         if out is None:
             return result, pending
         out.copy_(result)
         return out, pending
     config = checked_config(q, k, v, session.config)
-    timer = _Timer(q.device, enabled=True)
-    selection = session.select_blocks(q, k, scale=scale)
-    timer.mark()
-    attend = _sparse_attention(config.backend)
-    result = attend(q, k, v, selection, block_size=config.block_size, causal=False, scale=scale, out=out)
-    timer.mark()
-    kept_per_head = selection.kv_count.sum(-1).float()
-    return result, PendingStats(kept_per_head, _per_head_total(selection, causal=False), timer, config.backend)
+    return run_xattn(
+        q,
+        k,
+        v,
+        config,
+        scale=scale,
+        out=out,
+        timed=True,
+        reuse=reuse,
+        select=lambda q_, k_: session.select_blocks(q_, k_, scale=scale),
+    )
 
 
 def _token_order(session, state: ForwardState, length: int, device: torch.device) -> TokenOrder | None:

@@ -29,6 +29,7 @@ from ..core.token_order import check_tile, check_token_order, default_tile
 from . import _diffusers_private as private
 from .attention_op import count_native
 from .probe import AttentionProbe
+from .refresh import BlockReuse, check_refresh_every
 from .stats import StepStats, write_json_atomic
 from .step_hooks import HOOK_NAME, XAttnStepHook, register, steps_from_scheduler, unregister
 from .steps import StepPosition, StepTracker
@@ -131,6 +132,9 @@ class XAttnSession:
             arguments) and its ``config.patch_size`` (and ``patch_size_t``), read by the step hook. Exact apart
             from the block choice; dense calls stay raster.
         tile: (frames, height, width) of a tile with ``token_order="tiled"``; default one block, (2, 8, 8) for 128.
+        refresh_every: estimate the kept blocks at one sparse step and reuse them for the next
+            ``refresh_every - 1`` steps, per transformer, forward kind (cond/uncond), layer and sample group
+            (:mod:`xattn_video.diffusion.refresh`); 1 (default) estimates at every sparse step.
     """
 
     def __init__(
@@ -147,10 +151,13 @@ class XAttnSession:
         attention_fp8: bool = False,
         token_order: str = "raster",
         tile: tuple[int, int, int] | None = None,
+        refresh_every: int = 1,
     ) -> None:
         self.config = XAttnConfig(threshold, stride, block_size, False, backend, estimate_fp8, attention_fp8)
         self.token_order = check_token_order(token_order)
         self.tile = default_tile(block_size) if tile is None else check_tile(tile)
+        self.refresh_every = check_refresh_every(refresh_every)
+        self.reuse = BlockReuse(self.refresh_every)
         if warmup_steps is not None and warmup_fraction is not None:
             raise ValueError("warmup_steps and warmup_fraction: pass one of them, not both")
         self.warmup_steps = _check_nonneg_int("warmup_steps", 0 if warmup_steps is None else warmup_steps)
@@ -222,6 +229,7 @@ class XAttnSession:
             "min_len": self.min_len,
             "token_order": self.token_order,
             "tile": list(self.tile),
+            "refresh_every": self.refresh_every,
         }
 
     def __repr__(self) -> str:
@@ -339,6 +347,7 @@ class XAttnSession:
             processor._attention_backend = previous
         self._transformers = []
         self._saved_backends = []
+        self.reuse.clear()
 
     disable = detach
 

@@ -76,8 +76,9 @@ def enable(pipe_or_transformer, *, integration: str = "auto", **settings):
 
     ``integration``: "auto" (HunyuanVideo: its processor; others: the backend), "processor" (HunyuanVideo
     only) or "backend". ``settings``: threshold, stride, block_size, warmup_steps, dense_layers, backend,
-    estimate_fp8, token_order, tile; with the backend also warmup_fraction, min_len and select_backend (default
-    True: the transformers' attention processors dispatch to ``xattn``; False leaves that to ``with
+    estimate_fp8, token_order, tile, refresh_every (estimate the kept blocks every k sparse steps, reuse them in
+    between); with the backend also warmup_fraction, min_len and select_backend (default True: the
+    transformers' attention processors dispatch to ``xattn``; False leaves that to ``with
     attention_backend("xattn"):``). Calling it again replaces the earlier set-up on those transformers.
     """
     if integration not in INTEGRATIONS:

@@ -52,7 +52,8 @@ stock behaviour: they are handed to diffusers' ``AttnProcessor2_0`` as their ``A
 Statistics (:attr:`XAttnProcessor.stats`, :meth:`~XAttnProcessor.save_stats`, debug-level logging on the
 ``xattn_video.diffusion.hunyuan`` logger after each forward): per generation, step and layer, the block density (kept
 blocks / blocks of the valid segment; exactly 1.0 on dense steps and layers), the estimate time and the
-attention time in milliseconds (CUDA events on a GPU, read lazily; the wall clock on a CPU).
+attention time in milliseconds (CUDA events on a GPU, read lazily; the wall clock on a CPU), and with
+``refresh_every`` whether each sparse call estimated its blocks or reused an earlier step's (estimate 0 ms).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ from ..core.estimate import BlockSelection, append_dense_rows, checked_config, e
 from ..core.fa4 import fa4_dense_attention, use_fa4_dense
 from ..core.inputs import autocast_inputs
 from ..core.token_order import TokenOrder, check_tile, check_token_order, default_tile, grid_from_latents, tiled_order
+from .refresh import BlockReuse, check_refresh_every
 from .stats import StepStats, write_json_atomic
 from .stats import blocks as _blocks
 from .stats import summary as _summary
@@ -143,6 +145,10 @@ class XAttnProcessor:
             docs). Needs the video grid: call :meth:`attach` (or use :func:`enable`).
         tile: (frames, height, width) of a tile, used with ``token_order="tiled"``; default: one block of
             ``block_size`` tokens, (2, 8, 8) for 128. Tiles of exactly ``block_size`` tokens align blocks and tiles.
+        refresh_every: estimate the kept blocks at one sparse step and reuse them for the next
+            ``refresh_every - 1`` steps, per forward of the step (true CFG's cond and uncond), layer and sample
+            group (:mod:`xattn_video.diffusion.refresh`); 1 (default) estimates at every sparse step. Needs
+            :meth:`attach`.
 
     Set it on the whole transformer with ``transformer.set_attn_processor(proc)``; modules that are not joint
     video attention keep stock diffusers behaviour.
@@ -164,8 +170,12 @@ class XAttnProcessor:
         token_order: str = "raster",
         tile: tuple[int, int, int] | None = None,
         attention_fp8: bool = False,
+        refresh_every: int = 1,
     ):
         self.config = XAttnConfig(threshold, stride, block_size, False, backend, estimate_fp8, attention_fp8)
+        self.refresh_every = check_refresh_every(refresh_every)
+        self._reuse = BlockReuse(self.refresh_every)
+        self._slot = None  # the reuse slot of the sparse call in progress (see _attend)
         self.token_order = check_token_order(token_order)
         self.tile = default_tile(block_size) if tile is None else check_tile(tile)
         self._patch: tuple[int, int] | None = None  # the attached transformer's (patch_size, patch_size_t)
@@ -196,7 +206,7 @@ class XAttnProcessor:
             f"XAttnProcessor(threshold={self.threshold}, stride={self.stride}, block_size={self.block_size}, "
             f"warmup_steps={self.warmup_steps}, dense_layers={tuple(sorted(self.dense_layers))}, "
             f"backend={self.backend!r}, estimate_fp8={self.estimate_fp8}, token_order={self.token_order!r}, "
-            f"tile={self.tile}, attention_fp8={self.attention_fp8})"
+            f"tile={self.tile}, attention_fp8={self.attention_fp8}, refresh_every={self.refresh_every})"
         )
 
     def settings(self) -> dict:
@@ -211,6 +221,7 @@ class XAttnProcessor:
             "token_order": self.token_order,
             "tile": list(self.tile),
             "attention_fp8": self.attention_fp8,
+            "refresh_every": self.refresh_every,
         }
 
     # ----------------------------------------------------------------- attach
@@ -261,6 +272,7 @@ class XAttnProcessor:
         self._tracker = None
         self._layers = {}
         self._rope_cache = None
+        self._reuse.clear()
 
     @property
     def tracker(self) -> StepTracker | None:
@@ -305,7 +317,7 @@ class XAttnProcessor:
             # [B, H, N, D], as diffusers' SDPA; under torch.autocast in its dtype, as SDPA casts (the RMS-normed
             # q/k come out float32 beside a bfloat16 v); the output goes back to query's dtype below, as stock
             q, k, v = (t.permute(0, 2, 1, 3) for t in autocast_inputs(query, key, value))
-            out, mode, kept, total, est, att, timers = self._attend(q, k, v, lengths, dense)
+            out, mode, kept, total, est, att, timers = self._attend(q, k, v, lengths, dense, position, layer)
             out_bnhd = out.permute(0, 2, 1, 3)
         self._record(position, layer, mode, kept, total, est, att, timers)
 
@@ -352,6 +364,8 @@ class XAttnProcessor:
             needs.append(f"warmup_steps={self.warmup_steps}")
         if self.dense_layers:
             needs.append(f"dense_layers={tuple(sorted(self.dense_layers))}")
+        if self.refresh_every > 1:
+            needs.append(f"refresh_every={self.refresh_every}")
         tracker = self._tracker
         if tracker is None or not tracker.attached:
             if needs:
@@ -420,11 +434,13 @@ class XAttnProcessor:
             raise ValueError(f"valid_lengths must hold {batch} lengths in [1, {n}], got {valid_lengths!r}")
         return self._attend(q, k, v, lengths, dense)[0]
 
-    def _attend(self, q, k, v, lengths: list[int], dense: bool):
+    def _attend(self, q, k, v, lengths: list[int], dense: bool, position=None, layer=None):
         """Attention of q/k/v [B, H, N, D] over each sample's valid prefix (padded query rows: see the module).
 
         Sparse calls write into one output laid out [B, N, H, D] (what the output projection reads, so the
-        processor's reshape is free) and keep their statistics on the GPU until the forward ends."""
+        processor's reshape is free) and keep their statistics on the GPU until the forward ends. With
+        ``refresh_every`` > 1 and a ``position``, each group's blocks are kept and reused per (forward of the
+        step, layer, group)."""
         batch, heads, n, dim = q.shape
         if len(set(lengths)) == 1:
             groups = [(slice(None), lengths[0], batch)]
@@ -453,7 +469,12 @@ class XAttnProcessor:
                     out[index] = og
                 continue
             target = out[index]
-            result, stats = self.sparse_attention(qg, kg, vg, out=target)
+            key = (position.forward if position is not None else None, layer[0] if layer else None, index.start)
+            self._slot = self._reuse.slot(key, position, qg[:, :, :length], kg)
+            try:
+                result, stats = self.sparse_attention(qg, kg, vg, out=target)
+            finally:
+                self._slot = None
             if result is not target:
                 target.copy_(result)
             total += stats.total_blocks
@@ -499,11 +520,18 @@ class XAttnProcessor:
         wholly padded blocks see every valid key (as under stock's key-padding mask). Writes into ``out`` when
         given. Returns the output and its statistics over the valid segment, read (:class:`XAttnStats`) or
         still on the GPU (:class:`PendingStats`, read after the forward). Reports override it to inspect each
-        call."""
+        call. Inside a processor call with ``refresh_every`` > 1, the blocks kept from an earlier step replace
+        :meth:`select_blocks` when they may (see :mod:`xattn_video.diffusion.refresh`)."""
         length, n = k.shape[2], q.shape[2]
         config = checked_config(q, k, v, self.config)
         timer = _Timer(q.device, enabled=True)
-        selection = self.select_blocks(q[:, :, :length], k)
+        slot = self._slot
+        selection = None if slot is None else slot.selection
+        reused = selection is not None
+        if not reused:
+            selection = self.select_blocks(q[:, :, :length], k)
+            if slot is not None:
+                slot.store(selection)
         timer.mark()
         attend_selection, extra = selection, {}
         if _blocks(n, self.block_size) > _blocks(length, self.block_size):
@@ -514,7 +542,8 @@ class XAttnProcessor:
         out = attend(q, k, v, attend_selection, block_size=self.block_size, causal=False, scale=None, out=out, **extra)
         timer.mark()
         kept_per_head = selection.kv_count.sum(-1).float()
-        return out, PendingStats(kept_per_head, _per_head_total(selection, causal=False), timer, config.backend)
+        total = _per_head_total(selection, causal=False)
+        return out, PendingStats(kept_per_head, total, timer, config.backend, reused)
 
     def _stock_attention(self, query, key, value, mask):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -700,7 +729,8 @@ def _output(attn, hidden_states, encoder_hidden_states):
 def enable(pipe_or_transformer, **kwargs) -> XAttnProcessor:
     """Put an :class:`XAttnProcessor` on a HunyuanVideo pipeline's transformer (or a transformer) and attach
     its step tracking; ``kwargs`` are the processor's (threshold, stride, block_size, warmup_steps,
-    dense_layers, backend, estimate_fp8, token_order, tile, attention_fp8). Returns the processor, whose
+    dense_layers, backend, estimate_fp8, token_order, tile, attention_fp8, refresh_every). Returns the processor,
+    whose
     :attr:`~XAttnProcessor.stats` fill as it runs."""
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
     if not hasattr(transformer, "set_attn_processor"):

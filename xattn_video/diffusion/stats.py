@@ -32,6 +32,8 @@ class _Record:
     total: int = 0
     estimate_ms: float = 0.0
     attention_ms: float = 0.0
+    estimated: int = 0  # sparse calls that ran the block estimate
+    reused: int = 0  # sparse calls that reused an earlier step's blocks (refresh_every): estimate 0 ms
     # _Timer (attention phases) and PendingStats (sparse calls) whose numbers still live on the GPU
     pending: list = field(default_factory=list)
 
@@ -49,6 +51,8 @@ class _Record:
         for item in self.pending:
             if isinstance(item, PendingStats):
                 stats = item.resolve()
+                self.reused += item.reused
+                self.estimated += not item.reused
                 self.kept += stats.kept_blocks
                 self.estimate_ms += stats.estimate_ms
                 self.attention_ms += stats.attention_ms
@@ -71,7 +75,18 @@ def summary(records: list[_Record]) -> dict:
         "estimate_ms": sum(r.estimate_ms for r in records),
         "attention_ms": sum(r.attention_ms for r in records),
         "calls": sum(r.calls for r in records),
+        "estimated_calls": sum(r.estimated for r in records),
+        "reused_calls": sum(r.reused for r in records),
     }
+
+
+def blocks_source(records: list[_Record]) -> str | None:
+    """How a step's sparse calls got their blocks: "estimated", "reused" (refresh_every), "mixed", or None
+    when it made no sparse call."""
+    estimated, reused = sum(r.estimated for r in records), sum(r.reused for r in records)
+    if not estimated and not reused:
+        return None
+    return "mixed" if estimated and reused else "reused" if reused else "estimated"
 
 
 def _sort_key(key: tuple) -> tuple:
@@ -123,8 +138,10 @@ class StepStats:
 
     def stats(self, name: str, settings: dict) -> dict:
         """``{"processor": name, "settings", "generations": [{"generation", "steps": [{"step", "timestep",
-        "mode", "density", "kept_blocks", "total_blocks", "estimate_ms", "attention_ms", "calls", "layers": [{"layer",
-        "block", "mode", ...}]}]}], "totals", "untracked"?, "native_calls"?}``."""
+        "mode", "blocks", "density", "kept_blocks", "total_blocks", "estimate_ms", "attention_ms", "calls",
+        "estimated_calls", "reused_calls", "layers": [{"layer", "block", "mode", ...}]}]}], "totals", "untracked"?,
+        "native_calls"?}``. ``blocks``: "estimated", "reused" (kept from an earlier step, ``refresh_every``),
+        "mixed" or None (no sparse call); the estimate time of a reused call is 0."""
         for record in self.records.values():
             record.resolve()
         generations: dict[int, dict[int, list]] = {}
@@ -145,6 +162,7 @@ class StepStats:
                         "step": step,
                         "timestep": self.timesteps.get((gen, step)),
                         "mode": modes.pop() if len(modes) == 1 else "mixed",
+                        "blocks": blocks_source(records),
                         **summary(records),
                         "layers": [
                             {"layer": layer, "block": self._layer_kind(layer), "mode": r.mode, **summary([r])}

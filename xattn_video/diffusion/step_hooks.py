@@ -80,7 +80,9 @@ class XAttnStepHook(ModelHook):
         if prev is None or position.generation != prev.generation:
             given = getattr(context, "num_inference_steps", None) if step_index is not None else None
             self.session.start_generation(position, given)
-        state = ForwardState(self.session, position, self.session.is_dense_step(position))
+        # whose kept blocks a later step may reuse (refresh_every): this transformer's, this cond/uncond's
+        kind = (id(module), name if name is not None else position.forward)
+        state = ForwardState(self.session, position, self.session.is_dense_step(position), kind=kind)
         if self.session.token_order == "tiled":
             state.grid = self._grid(module, latents, kwargs)
         self.last_state = state
@@ -116,6 +118,7 @@ class XAttnStepHook(ModelHook):
     def reset_state(self, module):
         """diffusers calls it at the end of every pipeline call: the next forward starts a new generation."""
         self.session.tracker.new_generation()
+        self.session.reuse.clear()  # kept blocks (refresh_every) serve one generation: free them
         self.state_manager.reset()
         return module
 

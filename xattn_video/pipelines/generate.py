@@ -13,8 +13,8 @@ Config keys (each has a default; --print-config shows the resolved config, confi
              max_sequence_length
   prompts    list | file (one a line) | vbench_file (names videos {prompt}-{index}.mp4 for VBench)
   seeds, videos_per_prompt
-  attention  threshold, stride, block_size, warmup_steps, dense_layers, backend, estimate_fp8, attention_fp8: shared
-             by xattn variants;
+  attention  threshold, stride, block_size, warmup_steps, dense_layers, backend, estimate_fp8, attention_fp8,
+             min_len, refresh_every: shared by xattn variants;
              select: the variants to run; variants: {name: {mode: dense|xattn|stock, <shared keys>}}
   output     root, naming (str.format over prompt, slug, prompt_index, seed, k, index), keep_latents, crf
   progress   auto | true | false
@@ -147,7 +147,8 @@ def apply_variant(pipe: Any, variant: Variant, steps: int, *, parallel: bool = F
     else:
         settings = dict(threshold=variant.threshold, stride=variant.stride, block_size=variant.block_size,
                         warmup_steps=variant.warmup_steps, dense_layers=tuple(variant.dense_layers),
-                        backend=variant.backend, estimate_fp8=variant.estimate_fp8)
+                        backend=variant.backend, estimate_fp8=variant.estimate_fp8,
+                        refresh_every=variant.refresh_every)
         if variant.attention_fp8:
             settings["attention_fp8"] = True
     if variant.min_len is not None:  # the xattn backend's (dense variants share attention.min_len)

@@ -73,6 +73,7 @@ attention:                  # shared by every xattn variant unless the variant s
   backend: auto             # auto | fa4 | triton | flex | torch (auto: fa4 where FlashAttention-4 runs, else triton)
   estimate_fp8: false       # score blocks on float8 copies of q/k: ~2x faster estimate on Hopper
   attention_fp8: false      # float8 attention over the kept blocks (Triton kernel; approximate; backend auto|triton)
+  refresh_every: 1          # estimate kept blocks at one sparse step, reuse them for the next refresh_every - 1
   min_len: null             # xattn backend (every family but HunyuanVideo): self-attention shorter than this runs
                             # native (null: the backend's default, 12288 tokens)
   select: null              # run only these variants (list of names); null: all
@@ -97,7 +98,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 TINY_MODEL_IDS = {"tiny": "hunyuan", "tiny-hunyuan": "hunyuan", "tiny-hunyuan15": "hunyuan15", "tiny-wan21": "wan21",
                   "tiny-wan22_a14b": "wan22_a14b", "tiny-wan22_ti2v": "wan22_ti2v"}
 MODES = ("dense", "xattn", "stock")
-XATTN_KEYS = (*COMMON_XATTN_KEYS, "warmup_steps", "dense_layers", "min_len", "attention_fp8")
+XATTN_KEYS = (*COMMON_XATTN_KEYS, "warmup_steps", "dense_layers", "min_len", "attention_fp8", "refresh_every")
 DEFAULT_NAMING = "{prompt_index:04d}_{slug}_seed{seed}_{k}"
 VBENCH_NAMING = "{prompt}-{index}"
 NAMING_FIELDS = ("prompt", "slug", "prompt_index", "seed", "k", "index")
@@ -162,6 +163,7 @@ class Variant:
     estimate_fp8: bool | None = None
     min_len: int | None = None  # xattn backend only; None: its default
     attention_fp8: bool | None = None
+    refresh_every: int | None = None  # None (dense, stock) or 1: estimate at every sparse step
 
     def settings(self) -> dict:
         """The settings that shape the video (no name): part of each video's fingerprint."""
@@ -169,6 +171,8 @@ class Variant:
         d.pop("name")
         if d["min_len"] is None:  # added later: unset, it leaves the fingerprints of earlier videos as they were
             d.pop("min_len")
+        if d["refresh_every"] in (None, 1):  # added later: the default leaves earlier fingerprints as they were
+            d.pop("refresh_every")
         d["dense_layers"] = list(self.dense_layers)
         return d
 
@@ -379,6 +383,8 @@ def _xattn_setting(path: str, key: str, value: Any, block_size: int) -> Any:
         return None if value is None else _int(path, value, 1, None, "an integer >= 1 (tokens), or null")
     if key == "attention_fp8":
         return _bool(path, value)
+    if key == "refresh_every":
+        return _int(path, value, 1, None, "an integer >= 1 (estimate every k sparse steps; 1: every step)")
     return common_xattn_setting(path, key, value, block_size)
 
 
