@@ -50,8 +50,8 @@ class _Recorder:
         self.calls: list[dict] = []
         real = module._sparse_attention
 
-        def wrapped(backend):
-            attend = real(backend)
+        def wrapped(backend, **options):
+            attend = real(backend, **options)
 
             def run(q, k, v, sel, **kw):
                 out = attend(q, k, v, sel, **kw)
