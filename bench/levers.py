@@ -188,16 +188,19 @@ def exact_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     nkb = math.ceil(length / BLOCK)
     pad = nkb * BLOCK - length
     step = heads if q.is_cuda else 1
-    masses, nums = [], []
+    masses, nums, lses = [], [], []
     for h0 in range(0, heads, step):
         sl = slice(h0, h0 + step)
-        p = torch.softmax(q[sl] @ k[sl].transpose(1, 2) * dim**-0.5, dim=-1)
+        logits = q[sl] @ k[sl].transpose(1, 2) * dim**-0.5
+        lses.append(torch.logsumexp(logits, -1))
+        p = torch.softmax(logits, dim=-1)
+        del logits
         pk = F.pad(p, (0, pad)).view(-1, length, nkb, BLOCK)
         masses.append(pk.sum(-1))
         vb = F.pad(v[sl], (0, 0, 0, pad)).view(-1, nkb, BLOCK, dim)
         nums.append(torch.einsum("hljb,hjbd->hljd", pk, vb))
         del p, pk
-    return torch.cat(masses), torch.cat(nums)
+    return torch.cat(masses), torch.cat(nums), torch.cat(lses)
 
 
 def block_rows(mass: torch.Tensor) -> torch.Tensor:
@@ -207,10 +210,33 @@ def block_rows(mass: torch.Tensor) -> torch.Tensor:
     return F.pad(mass, (0, 0, 0, nqb * BLOCK - length)).view(heads, nqb, BLOCK, nkb).sum(2)
 
 
-def masked_out(mask: torch.Tensor, mass: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
-    """Exact block-sparse attention output [H, L, D] from the parts and a mask [H, nqb, nkb]."""
+def masked_out(
+    mask: torch.Tensor, mass: torch.Tensor, num: torch.Tensor, lse=None, comp: str = "", q=None, k=None, v=None
+) -> torch.Tensor:
+    """Exact block-sparse attention output [H, L, D] from the parts and a mask [H, nqb, nkb].
+
+    ``comp``: the dropped blocks are not ignored but approximated by their mean value vector v_b weighted by
+    their mass: "o" the exact mass (oracle), "p" the mass of the block's mean key, n_b * exp(q.k_b * scale)
+    (one pooled key and value per block: a coarse attention over 1/128 of the keys)."""
     rows = mask.repeat_interleave(BLOCK, 1)[:, : mass.shape[1]].to(mass.dtype)
-    return torch.einsum("hlj,hljd->hld", rows, num) / (rows * mass).sum(-1, keepdim=True)
+    numer = torch.einsum("hlj,hljd->hld", rows, num)
+    denom = (rows * mass).sum(-1, keepdim=True)
+    if comp:
+        heads, length, dim = q.shape
+        nkb = mass.shape[-1]
+        pad = nkb * BLOCK - length
+        counts = torch.full((nkb,), float(BLOCK), device=q.device)
+        counts[-1] = BLOCK - pad
+        vbar = F.pad(v, (0, 0, 0, pad)).view(heads, nkb, BLOCK, dim).sum(2) / counts[:, None]
+        if comp == "o":
+            approx = mass
+        else:
+            kbar = F.pad(k, (0, 0, 0, pad)).view(heads, nkb, BLOCK, dim).sum(2) / counts[:, None]
+            approx = counts * torch.exp(q @ kbar.transpose(1, 2) * dim**-0.5 - lse.unsqueeze(-1))
+        dropped = (1 - rows) * approx
+        numer = numer + dropped @ vbar
+        denom = denom + dropped.sum(-1, keepdim=True)
+    return numer / denom
 
 
 # ------------------------------------------------------------------------------------------ processors
@@ -253,6 +279,7 @@ class LeverProcessor(XAttnProcessor):
         step = self._tracker.position.step
         kept = total = 0
         order_cache: dict[str, tuple] = {}
+        vp_all: dict[str, torch.Tensor] = {}
         for order, selection in self.candidates if self.probe else self.candidates[:1]:
             if order not in order_cache:
                 pq, pk = orders_for(order, qv, k32, grid, n_video)
@@ -263,9 +290,11 @@ class LeverProcessor(XAttnProcessor):
                 mass_blocks = block_rows(parts[0])
                 dense = masked_out(torch.ones_like(mass_blocks, dtype=torch.bool), *parts)
                 order_cache[order] = (pq, qp, kp, parts, mass_blocks, dense)
+                vp_all[order] = vp
             pq, qp, kp, parts, mass_blocks, dense = order_cache[order]
-            mask = select(selection, mass_blocks, qp, kp)
-            sparse = masked_out(mask, *parts)
+            sel_spec, _, comp = selection.partition("+")
+            mask = select(sel_spec, mass_blocks, qp, kp)
+            sparse = masked_out(mask, *parts, comp=comp, q=qp, k=kp, v=vp_all[order])
             kept_mass = (mass_blocks * mask).sum() / mass_blocks.sum()
             video_rows = pq < n_video  # [H, L] permuted rows that are video tokens
             err = ((sparse - dense)[video_rows].norm() / dense[video_rows].norm()).item()
