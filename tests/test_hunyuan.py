@@ -370,6 +370,7 @@ def test_stats_dict_json_and_debug_log(tmp_path, caplog):
         "estimate_fp8": False,
         "token_order": "raster",
         "tile": [2, 8, 8],
+        "density": None,
     }
     path = proc.save_stats(tmp_path / "sub" / "stats.json")
     assert json.loads(open(path).read()) == json.loads(json.dumps(stats))
