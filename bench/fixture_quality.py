@@ -41,6 +41,8 @@ from xattn_video.testing.procedural import sample_specs  # noqa: E402
 
 PROMPT_SEED = 77_000  # held-out captions (training draws specs from its own generator's seeds)
 SCHEMA = 1
+# docs/quality.md keeps what follows this line (the levers research, bench/levers.py) across reruns
+KEPT_MARKER = "<!-- kept across reruns of bench/fixture_quality.py: -->"
 
 
 def to_u8(videos: torch.Tensor) -> np.ndarray:
@@ -240,6 +242,14 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def write_markdown(path: Path, text: str) -> None:
+    """Write the table to ``path``, keeping the hand-written part after :data:`KEPT_MARKER` if it has one."""
+    old = path.read_text() if path.is_file() else ""
+    if KEPT_MARKER in old:
+        text = text.rstrip("\n") + "\n\n" + old[old.index(KEPT_MARKER):]
+    path.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("docs/quality"))
@@ -269,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.out / "quality.json"
     md_path = args.out.with_suffix(".md")
     if args.render_only:
-        md_path.write_text(markdown(json.loads(json_path.read_text())))
+        write_markdown(md_path, markdown(json.loads(json_path.read_text())))
         return 0
 
     t0 = time.perf_counter()
@@ -342,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{setting['name']}: sparse density {r['sparse_density']['mean']}, PSNR {r['psnr']['mean']:.2f} "
               f"(min {r['psnr']['min']:.2f}), SSIM {r['ssim']['mean']:.4f} [{row['seconds']:.1f} s]", flush=True)
     write_json(json_path, data)
-    md_path.write_text(markdown(data))
+    write_markdown(md_path, markdown(data))
     np.savez_compressed(args.out / "videos.npz", dense=np.stack(references[:2]), captions=np.array(captions[:2]),
                         **{k.replace(" ", "_"): v for k, v in keep.items()})
     print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -143,7 +143,8 @@ class XAttnProcessor:
         density: None (default: ``threshold`` selection), or a share in (0, 1]: sparse calls keep the
             ``ceil(density * key blocks)`` key blocks with the highest estimated scores per query block
             (:mod:`xattn_video.core.topk`), a fixed density whatever the model's attention; ``threshold`` is then
-            unused. On the trained fixture it beats a threshold at equal density (docs/quality.md, "Levers").
+            unused. Off by default; on the trained fixture it reaches densities no threshold reaches, with the
+            oracle's quality at that density (docs/quality.md, "Levers").
 
     Set it on the whole transformer with ``transformer.set_attn_processor(proc)``; modules that are not joint
     video attention keep stock diffusers behaviour.
