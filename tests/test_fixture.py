@@ -66,8 +66,9 @@ def test_dense_generation_is_deterministic(fixture, dense):
 
 def test_xattn_quality_floor(fixture, dense):
     stock = dict(fixture.transformer.attn_processors)
-    proc = xattn_video.enable(fixture.transformer, threshold=0.95, stride=8, block_size=64, warmup_steps=4,
-                              backend="torch")
+    proc = xattn_video.enable(
+        fixture.transformer, threshold=0.95, stride=8, block_size=64, warmup_steps=4, backend="torch"
+    )
     try:
         sparse = generate(fixture, [CAPTION], [0], **SIZE)
         stats = proc.stats
@@ -87,8 +88,9 @@ def test_xattn_quality_floor(fixture, dense):
 def test_fixed_density_option_keeps_its_share_and_a_quality_floor(fixture, dense):
     """``density=0.5``: every sparse call keeps ceil(0.5 * 9) = 5 of the 9 key blocks of each query block."""
     stock = dict(fixture.transformer.attn_processors)
-    proc = xattn_video.enable(fixture.transformer, density=0.5, stride=8, block_size=64, warmup_steps=4,
-                              backend="torch")
+    proc = xattn_video.enable(
+        fixture.transformer, density=0.5, stride=8, block_size=64, warmup_steps=4, backend="torch"
+    )
     try:
         sparse = generate(fixture, [CAPTION], [0], **SIZE)
         stats = proc.stats
