@@ -1,8 +1,9 @@
 """Research on the trained fixture (issue 12): which block-selection lever brings XAttention to 30 dB at
-sparse-step density <= 0.30. CPU, float32, exact (every sparse call computes full attention alongside, so the
-oracle, the exact block mass, is available).
+sparse-step density <= 0.30. Exact: every sparse call computes full attention alongside, in float32, so the
+oracle, the exact block mass, is available (CPU float32, or a GPU with ``--device cuda --dtype bfloat16``).
+Results and conclusions: docs/quality.md, "Levers".
 
-Two modes:
+Modes (``time``: one dense generation, timed):
 
 - ``probe``: one dense generation per video (the reference trajectory); at every step, every joint attention
   call is also evaluated under each (token order, selection) candidate: its density and the relative error
@@ -20,7 +21,10 @@ Selections (``--selections``): ``oracle:t`` (exact block mass, smallest set per 
 t), ``otopk:d`` (exact mass, top ceil(d * blocks) per row), ``obudget:d`` (exact mass normalised per row, the
 d share of all (head, row, block) entries with the most mass, at least one per row: the budget spent where
 mass is), ``xattn:t:s`` (the antidiagonal estimate with stride s, threshold t), ``xtopk:d:s``,
-``xbudget:d:s`` (the estimate with top-k / budget selection).
+``xbudget:d:s`` (the estimate with top-k / budget selection). A suffix ``+o`` or ``+p`` compensates the dropped
+blocks instead of ignoring them: each stands in by its mean value vector, weighted by its exact mass (``+o``,
+oracle) or by n_b * exp(q . k_mean * scale) (``+p``, its pooled key). ``gen --settings ORDER@SELECTION@WARMUP ...``
+runs explicit triples.
 
     python bench/levers.py probe --videos 2 --out docs/results/levers_probe.json
     python bench/levers.py gen --videos 4 --orders raster --selections oracle:0.9 otopk:0.3 --out ...
