@@ -16,6 +16,7 @@ from xattn_video.testing.procedural import sample_specs
 
 SIZE = dict(frames=8, height=32, width=32, steps=20)
 PSNR_FLOOR_DB = 15.0  # measured 16.3-16.6 dB (threshold 0.95, stride 8, block 64, 4 of 20 steps dense)
+DENSITY_FLOOR_DB = 14.0  # measured 15.8 and 15.6 dB (captions 0 and 1; density=0.5: 5 of 9 blocks, same settings)
 CAPTION = sample_specs(1, 77_000)[0].caption  # the quality table's first held-out caption
 
 
@@ -65,8 +66,9 @@ def test_dense_generation_is_deterministic(fixture, dense):
 
 def test_xattn_quality_floor(fixture, dense):
     stock = dict(fixture.transformer.attn_processors)
-    proc = xattn_video.enable(fixture.transformer, threshold=0.95, stride=8, block_size=64, warmup_steps=4,
-                              backend="torch")
+    proc = xattn_video.enable(
+        fixture.transformer, threshold=0.95, stride=8, block_size=64, warmup_steps=4, backend="torch"
+    )
     try:
         sparse = generate(fixture, [CAPTION], [0], **SIZE)
         stats = proc.stats
@@ -81,6 +83,24 @@ def test_xattn_quality_floor(fixture, dense):
     psnr = video_psnr(mse_per_frame(_u8(dense[0]), _u8(sparse[0])))
     assert psnr >= PSNR_FLOOR_DB
     assert not torch.equal(sparse, dense)  # sparse attention did change something
+
+
+def test_fixed_density_option_keeps_its_share_and_a_quality_floor(fixture, dense):
+    """``density=0.5``: every sparse call keeps ceil(0.5 * 9) = 5 of the 9 key blocks of each query block."""
+    stock = dict(fixture.transformer.attn_processors)
+    proc = xattn_video.enable(
+        fixture.transformer, density=0.5, stride=8, block_size=64, warmup_steps=4, backend="torch"
+    )
+    try:
+        sparse = generate(fixture, [CAPTION], [0], **SIZE)
+        stats = proc.stats
+    finally:
+        proc.detach()
+        fixture.transformer.set_attn_processor(stock)
+    steps = stats["generations"][0]["steps"]
+    assert [s["mode"] for s in steps] == ["dense"] * 4 + ["sparse"] * 16
+    assert all(s["kept_blocks"] * 9 == s["total_blocks"] * 5 for s in steps if s["mode"] == "sparse")
+    assert video_psnr(mse_per_frame(_u8(dense[0]), _u8(sparse[0]))) >= DENSITY_FLOOR_DB
 
 
 def test_generation_follows_the_caption_colour(fixture):

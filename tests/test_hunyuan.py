@@ -372,6 +372,7 @@ def test_stats_dict_json_and_debug_log(tmp_path, caplog):
         "tile": [2, 8, 8],
         "attention_fp8": False,
         "refresh_every": 1,
+        "density": None,
     }
     path = proc.save_stats(tmp_path / "sub" / "stats.json")
     assert json.loads(open(path).read()) == json.loads(json.dumps(stats))
@@ -417,8 +418,7 @@ def test_processor_sparse_step_matches_xattn_on_valid_segment(lengths, n_text):
             mask = torch.cat([mask, mask.new_ones(1, mask.shape[1], n_qb - mask.shape[2], mask.shape[3])], 2)
             pad_ref = block_sparse_attention64(q[b : b + 1], kb, vb, mask, block_size=128, causal=False)
             # (their q is 50x larger than the valid ones: sharp softmax, float32 rounding shows at 1e-5)
-            torch.testing.assert_close(out[b : b + 1, :, length:], pad_ref[:, :, length:].float(), rtol=1e-4,
-                                       atol=2e-4)
+            torch.testing.assert_close(out[b : b + 1, :, length:], pad_ref[:, :, length:].float(), rtol=1e-4, atol=2e-4)
     assert all(d < 0.9 for d in densities)  # video-like attention is genuinely sparse here
 
 

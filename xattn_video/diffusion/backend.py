@@ -26,6 +26,7 @@ import torch
 from ..core.config import XAttnConfig
 from ..core.estimate import BlockSelection, checked_config, estimate_blocks
 from ..core.token_order import check_tile, check_token_order, default_tile
+from ..core.topk import check_density, estimate_topk_blocks
 from . import _diffusers_private as private
 from .attention_op import count_native
 from .probe import AttentionProbe
@@ -135,6 +136,9 @@ class XAttnSession:
         refresh_every: estimate the kept blocks at one sparse step and reuse them for the next
             ``refresh_every - 1`` steps, per transformer, forward kind (cond/uncond), layer and sample group
             (:mod:`xattn_video.diffusion.refresh`); 1 (default) estimates at every sparse step.
+        density: None (default: ``threshold`` selection) or a share in (0, 1]: sparse calls keep the
+            ``ceil(density * key blocks)`` key blocks with the highest estimated scores per query block
+            (:mod:`xattn_video.core.topk`, as the HunyuanVideo processor's ``density``); ``threshold`` is then unused.
     """
 
     def __init__(
@@ -152,12 +156,14 @@ class XAttnSession:
         token_order: str = "raster",
         tile: tuple[int, int, int] | None = None,
         refresh_every: int = 1,
+        density: float | None = None,
     ) -> None:
         self.config = XAttnConfig(threshold, stride, block_size, False, backend, estimate_fp8, attention_fp8)
         self.token_order = check_token_order(token_order)
         self.tile = default_tile(block_size) if tile is None else check_tile(tile)
         self.refresh_every = check_refresh_every(refresh_every)
         self.reuse = BlockReuse(self.refresh_every)
+        self.density = check_density(density)
         if warmup_steps is not None and warmup_fraction is not None:
             raise ValueError("warmup_steps and warmup_fraction: pass one of them, not both")
         self.warmup_steps = _check_nonneg_int("warmup_steps", 0 if warmup_steps is None else warmup_steps)
@@ -186,10 +192,22 @@ class XAttnSession:
 
     def select_blocks(self, q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None) -> BlockSelection:
         """The key blocks XAttention keeps for one valid segment (q/k ``[B, H, L, D]``, no mask): the antidiagonal
-        estimate with this session's parameters. The override point for another block choice (a subclass, e.g.
-        benchmarks' fixed densities); it runs inside the attention op, at run time, so compiled graphs are
-        unaffected. Called on sparse calls and by the report mode's probe."""
-        return estimate_blocks(q, k, checked_config(q, k, None, self.config), scale=scale)
+        estimate with this session's parameters (threshold, or ``density``'s top-k). The override point for another
+        block choice (a subclass, e.g. benchmarks' fixed densities); it runs inside the attention op, at run time,
+        so compiled graphs are unaffected. Called on sparse calls and by the report mode's probe."""
+        config = checked_config(q, k, None, self.config)
+        if self.density is not None and q.shape[0]:
+            return estimate_topk_blocks(
+                q,
+                k,
+                density=self.density,
+                stride=config.stride,
+                block_size=config.block_size,
+                scale=scale,
+                estimate_fp8=config.estimate_fp8,
+                backend=config.backend,
+            )
+        return estimate_blocks(q, k, config, scale=scale)
 
     def start_probe(self, probe_dense: bool = True) -> AttentionProbe:
         """Report mode (``xattn-video attn-report``): from now on every sparse call also computes dense attention
@@ -230,6 +248,7 @@ class XAttnSession:
             "token_order": self.token_order,
             "tile": list(self.tile),
             "refresh_every": self.refresh_every,
+            "density": self.density,
         }
 
     def __repr__(self) -> str:

@@ -72,6 +72,7 @@ from ..core.estimate import BlockSelection, append_dense_rows, checked_config, e
 from ..core.fa4 import fa4_dense_attention, use_fa4_dense
 from ..core.inputs import autocast_inputs
 from ..core.token_order import TokenOrder, check_tile, check_token_order, default_tile, grid_from_latents, tiled_order
+from ..core.topk import check_density, estimate_topk_blocks
 from .refresh import BlockReuse, check_refresh_every
 from .stats import StepStats, write_json_atomic
 from .stats import blocks as _blocks
@@ -149,6 +150,11 @@ class XAttnProcessor:
             ``refresh_every - 1`` steps, per forward of the step (true CFG's cond and uncond), layer and sample
             group (:mod:`xattn_video.diffusion.refresh`); 1 (default) estimates at every sparse step. Needs
             :meth:`attach`.
+        density: None (default: ``threshold`` selection), or a share in (0, 1]: sparse calls keep the
+            ``ceil(density * key blocks)`` key blocks with the highest estimated scores per query block
+            (:mod:`xattn_video.core.topk`), a fixed density whatever the model's attention; ``threshold`` is then
+            unused. Off by default; on the trained fixture it reaches densities no threshold reaches, with the
+            oracle's quality at that density (docs/quality.md, "Levers").
 
     Set it on the whole transformer with ``transformer.set_attn_processor(proc)``; modules that are not joint
     video attention keep stock diffusers behaviour.
@@ -171,11 +177,13 @@ class XAttnProcessor:
         tile: tuple[int, int, int] | None = None,
         attention_fp8: bool = False,
         refresh_every: int = 1,
+        density: float | None = None,
     ):
         self.config = XAttnConfig(threshold, stride, block_size, False, backend, estimate_fp8, attention_fp8)
         self.refresh_every = check_refresh_every(refresh_every)
         self._reuse = BlockReuse(self.refresh_every)
         self._slot = None  # the reuse slot of the sparse call in progress (see _attend)
+        self.density = check_density(density)
         self.token_order = check_token_order(token_order)
         self.tile = default_tile(block_size) if tile is None else check_tile(tile)
         self._patch: tuple[int, int] | None = None  # the attached transformer's (patch_size, patch_size_t)
@@ -206,7 +214,8 @@ class XAttnProcessor:
             f"XAttnProcessor(threshold={self.threshold}, stride={self.stride}, block_size={self.block_size}, "
             f"warmup_steps={self.warmup_steps}, dense_layers={tuple(sorted(self.dense_layers))}, "
             f"backend={self.backend!r}, estimate_fp8={self.estimate_fp8}, token_order={self.token_order!r}, "
-            f"tile={self.tile}, attention_fp8={self.attention_fp8}, refresh_every={self.refresh_every})"
+            f"tile={self.tile}, attention_fp8={self.attention_fp8}, refresh_every={self.refresh_every}, "
+            f"density={self.density})"
         )
 
     def settings(self) -> dict:
@@ -222,6 +231,7 @@ class XAttnProcessor:
             "tile": list(self.tile),
             "attention_fp8": self.attention_fp8,
             "refresh_every": self.refresh_every,
+            "density": self.density,
         }
 
     # ----------------------------------------------------------------- attach
@@ -506,8 +516,20 @@ class XAttnProcessor:
 
     def select_blocks(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
         """The key blocks XAttention keeps for the valid segment (q/k [B, H, L, D]): the antidiagonal estimate
-        with this processor's parameters. Benchmarks override it to substitute the block choice."""
-        return estimate_blocks(q, k, checked_config(q, k, None, self.config))
+        with this processor's parameters (threshold, or ``density``'s top-k). Benchmarks override it to
+        substitute the block choice."""
+        config = checked_config(q, k, None, self.config)
+        if self.density is not None and q.shape[0]:
+            return estimate_topk_blocks(
+                q,
+                k,
+                density=self.density,
+                stride=config.stride,
+                block_size=config.block_size,
+                estimate_fp8=config.estimate_fp8,
+                backend=config.backend,
+            )
+        return estimate_blocks(q, k, config)
 
     def sparse_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None
@@ -729,8 +751,8 @@ def _output(attn, hidden_states, encoder_hidden_states):
 def enable(pipe_or_transformer, **kwargs) -> XAttnProcessor:
     """Put an :class:`XAttnProcessor` on a HunyuanVideo pipeline's transformer (or a transformer) and attach
     its step tracking; ``kwargs`` are the processor's (threshold, stride, block_size, warmup_steps,
-    dense_layers, backend, estimate_fp8, token_order, tile, attention_fp8, refresh_every). Returns the processor,
-    whose
+    dense_layers, backend, estimate_fp8, token_order, tile, attention_fp8, refresh_every, density). Returns the
+    processor, whose
     :attr:`~XAttnProcessor.stats` fill as it runs."""
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
     if not hasattr(transformer, "set_attn_processor"):
