@@ -77,6 +77,27 @@ def outside_calls() -> dict[str, int]:
     return dict(_OUTSIDE)
 
 
+def native_reason(query, key, value, dropout_p: float, is_causal: bool, return_lse: bool) -> str | None:
+    """Why a backend call goes to diffusers' native backend before the op, or None: what XAttention does not do
+    (the log-sum-exp, dropout, causal masking) and calls that need gradients."""
+    if return_lse:
+        return "return_lse"
+    if dropout_p > 0.0:
+        return "dropout"
+    if is_causal:
+        return "causal"
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return "grad"
+    return None
+
+
+def route_native(reason: str, **arguments) -> torch.Tensor:
+    """Count ``reason`` and run diffusers' native backend on the backend call's own ``arguments``."""
+    if not torch.compiler.is_compiling():
+        count_native(reason)
+    return private.native_backend()(**arguments)
+
+
 def count_native(reason: str) -> None:
     """Count a call that the backend handed to the native backend before the op (dropout, return_lse, ...)."""
     state = _ACTIVE[0]

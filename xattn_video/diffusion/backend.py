@@ -28,7 +28,7 @@ from ..core.estimate import BlockSelection, checked_config, estimate_blocks
 from ..core.token_order import check_tile, check_token_order, default_tile
 from ..core.topk import check_density, estimate_topk_blocks
 from . import _diffusers_private as private
-from .attention_op import count_native
+from .attention_op import native_reason, route_native
 from .probe import AttentionProbe
 from .refresh import BlockReuse, check_refresh_every
 from .stats import StepStats, write_json_atomic
@@ -73,19 +73,10 @@ def xattn_backend(
         return parallel_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse, _parallel_config
         )
-    reason = None
-    if return_lse:
-        reason = "return_lse"
-    elif dropout_p > 0.0:
-        reason = "dropout"
-    elif is_causal:
-        reason = "causal"
-    elif torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        reason = "grad"
+    reason = native_reason(query, key, value, dropout_p, is_causal, return_lse)
     if reason is not None:
-        if not torch.compiler.is_compiling():
-            count_native(reason)
-        return private.native_backend()(
+        return route_native(
+            reason,
             query=query,
             key=key,
             value=value,

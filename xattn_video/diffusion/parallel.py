@@ -29,7 +29,7 @@ from collections.abc import Iterator
 import torch
 
 from . import _diffusers_private as private
-from .attention_op import active, count_native
+from .attention_op import active, native_reason, route_native
 
 __all__ = [
     "check_parallel_config",
@@ -201,18 +201,10 @@ def parallel_attention(
 ) -> torch.Tensor:
     """The ``xattn`` backend's call under context parallelism: q/k/v ``[B, S/P, H, D]`` (this rank's tokens)."""
     check_parallel_config(parallel_config, query.shape[2])
-    reason = None
-    if return_lse:
-        reason = "return_lse"
-    elif dropout_p > 0.0:
-        reason = "dropout"
-    elif is_causal:
-        reason = "causal"
-    elif torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        reason = "grad"
+    reason = native_reason(query, key, value, dropout_p, is_causal, return_lse)
     if reason is not None:  # diffusers' native backend runs its own context-parallel attention
-        count_native(reason)
-        return private.native_backend()(
+        return route_native(
+            reason,
             query=query,
             key=key,
             value=value,
