@@ -22,44 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-try:
-    import xattn_video
-except ImportError:  # a bare checkout (installed, the repository root must stay off sys.path: its kernels/ folder
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # would hide Hugging Face's `kernels` package)
-    import xattn_video
-from xattn_video.pipelines.metrics import mse_per_frame, ssim_per_frame, video_psnr
-from xattn_video.testing.fixture import generate, load_fixture
-from xattn_video.testing.procedural import sample_specs
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixture_quality import PROMPT_SEED, fmt, score, summary, to_u8  # noqa: E402  (one scoring for both tables)
 
-PROMPT_SEED = 77_000  # the held-out captions of bench/fixture_quality.py
-
-
-def to_u8(videos: torch.Tensor) -> np.ndarray:
-    return (videos.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-
-
-def score(reference: np.ndarray, candidate: np.ndarray) -> dict:
-    """PSNR of the whole video and mean SSIM over frames (uint8 [T, H, W, 3]), as bench/fixture_quality.py."""
-    return {
-        "psnr": video_psnr(mse_per_frame(reference, candidate)),
-        "ssim": float(np.mean(ssim_per_frame(reference, candidate))),
-    }
-
-
-def summary(values: list) -> dict:
-    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
-    if arr.size == 0:
-        return {"mean": None, "std": None, "min": None, "max": None}
-    finite = arr[np.isfinite(arr)]
-    return {
-        "mean": float(arr.mean()),
-        "std": float(finite.std()) if finite.size else None,
-        "min": float(arr.min()),
-        "max": float(arr.max()),
-    }
+import xattn_video  # noqa: E402
+from xattn_video.testing.fixture import generate, load_fixture  # noqa: E402
+from xattn_video.testing.procedural import sample_specs  # noqa: E402
 
 
 def step_counts(stats: dict) -> dict:
@@ -81,11 +51,6 @@ def step_counts(stats: dict) -> dict:
 
 def meta_device(args) -> str:
     return torch.cuda.get_device_name() if args.device == "cuda" else args.device
-
-
-def fmt(stat: dict, key: str, spec: str) -> str:
-    value = stat.get(key)
-    return "-" if value is None else ("inf" if np.isinf(value) else format(value, spec))
 
 
 def markdown(data: dict) -> str:
