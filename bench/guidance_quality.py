@@ -33,10 +33,11 @@ from xattn_video.testing.procedural import sample_specs  # noqa: E402
 def settings(args) -> list[dict]:
     """The sparse rows: XAttention at ``--threshold`` and the estimate's top-k at ``--density``."""
     warm = f"w={args.warmup:.0%}"
-    return [
-        {"name": f"xattn t={args.threshold} s={args.stride} {warm}", "threshold": args.threshold, "density": None},
-        {"name": f"xattn top-k d={args.density} s={args.stride} {warm}", "threshold": 0.9, "density": args.density},
-    ]
+    rows = {
+        "threshold": {"name": f"xattn t={args.threshold} s={args.stride} {warm}", "threshold": args.threshold},
+        "topk": {"name": f"xattn top-k d={args.density} s={args.stride} {warm}", "threshold": 0.9},
+    }
+    return [{**rows[r], "density": args.density if r == "topk" else None} for r in args.rows]
 
 
 def markdown(data: dict) -> str:
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stride", type=int, default=8)
     parser.add_argument("--density", type=float, default=0.3)
     parser.add_argument("--warmup", type=float, default=0.2, help="dense share of the steps")
+    parser.add_argument("--rows", nargs="+", default=["threshold", "topk"], choices=["threshold", "topk"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -118,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "threshold": args.threshold,
         "stride": args.stride,
         "density": args.density,
+        "rows": args.rows,
         "caption_indices": list(range(args.videos)),
         "captions": captions,
         "seed": args.seed,
