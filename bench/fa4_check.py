@@ -23,6 +23,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from attention import bench_ms  # noqa: E402  (bench/ is the script's folder: one timing helper)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from xattn_video.core import fa4
@@ -31,21 +32,6 @@ from xattn_video.core.estimate import checked_config, estimate_blocks
 from xattn_video.kernels.block_sparse_attention import block_sparse_attention_triton
 from xattn_video.kernels.block_sparse_attention_fp8 import block_sparse_attention_fp8, quantize_for_attention
 from xattn_video.testing.synthetic import random_block_selection, video_like_qkv
-
-
-def bench_ms(fn, repeats: int) -> float:
-    """Median milliseconds of ``fn`` over ``repeats`` runs after two warm-ups (CUDA events)."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def host_us(fn, repeats: int = 50) -> float:

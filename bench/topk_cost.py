@@ -12,9 +12,8 @@ scores equals the one from the torch reference scores at a small size, up to tie
 
 from __future__ import annotations
 
-import statistics
-
 import torch
+from attention import bench_ms  # noqa: E402  (bench/ is the script's folder: one timing helper)
 
 from xattn_video.core.config import XAttnConfig
 from xattn_video.core.estimate import estimate_blocks
@@ -23,20 +22,6 @@ from xattn_video.core.topk import estimate_topk_blocks, select_topk
 from xattn_video.kernels.estimate import block_scores_triton
 from xattn_video.kernels.select import select_blocks_triton
 from xattn_video.testing.synthetic import video_like_qkv
-
-
-def time_ms(fn, repeats: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -69,7 +54,7 @@ def main() -> int:
     ]
     print(f"{torch.cuda.get_device_name()}: {n} tokens, 24 heads x 128, bf16, {scores.shape[-1]} key blocks")
     for name, fn in rows:
-        print(f"| {name} | {time_ms(fn):.2f} ms |", flush=True)
+        print(f"| {name} | {bench_ms(fn, 10):.2f} ms |", flush=True)
     return 0
 
 

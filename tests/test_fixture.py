@@ -64,18 +64,22 @@ def test_dense_generation_is_deterministic(fixture, dense):
     assert not torch.equal(dense, other)
 
 
-def test_xattn_quality_floor(fixture, dense):
+def _sparse_generation(fixture, **settings):
+    """The CAPTION/seed-0 video with XAttention (stride 8, 64-token blocks, 4 dense steps, torch backend) and
+    ``settings``, and its per-step statistics; the fixture's stock processors are put back after."""
     stock = dict(fixture.transformer.attn_processors)
-    proc = xattn_video.enable(
-        fixture.transformer, threshold=0.95, stride=8, block_size=64, warmup_steps=4, backend="torch"
-    )
+    proc = xattn_video.enable(fixture.transformer, stride=8, block_size=64, warmup_steps=4, backend="torch", **settings)
     try:
         sparse = generate(fixture, [CAPTION], [0], **SIZE)
         stats = proc.stats
     finally:
         proc.detach()
         fixture.transformer.set_attn_processor(stock)
-    steps = stats["generations"][0]["steps"]
+    return sparse, stats["generations"][0]["steps"]
+
+
+def test_xattn_quality_floor(fixture, dense):
+    sparse, steps = _sparse_generation(fixture, threshold=0.95)
     assert [s["mode"] for s in steps] == ["dense"] * 4 + ["sparse"] * 16
     kept = sum(s["kept_blocks"] for s in steps if s["mode"] == "sparse")
     total = sum(s["total_blocks"] for s in steps if s["mode"] == "sparse")
@@ -87,17 +91,7 @@ def test_xattn_quality_floor(fixture, dense):
 
 def test_fixed_density_option_keeps_its_share_and_a_quality_floor(fixture, dense):
     """``density=0.5``: every sparse call keeps ceil(0.5 * 9) = 5 of the 9 key blocks of each query block."""
-    stock = dict(fixture.transformer.attn_processors)
-    proc = xattn_video.enable(
-        fixture.transformer, density=0.5, stride=8, block_size=64, warmup_steps=4, backend="torch"
-    )
-    try:
-        sparse = generate(fixture, [CAPTION], [0], **SIZE)
-        stats = proc.stats
-    finally:
-        proc.detach()
-        fixture.transformer.set_attn_processor(stock)
-    steps = stats["generations"][0]["steps"]
+    sparse, steps = _sparse_generation(fixture, density=0.5)
     assert [s["mode"] for s in steps] == ["dense"] * 4 + ["sparse"] * 16
     assert all(s["kept_blocks"] * 9 == s["total_blocks"] * 5 for s in steps if s["mode"] == "sparse")
     assert video_psnr(mse_per_frame(_u8(dense[0]), _u8(sparse[0]))) >= DENSITY_FLOOR_DB
