@@ -45,6 +45,7 @@ def _rank(rank: int, world: int, port: int, root: str, out: str) -> None:
     )
     result = run_generate(cfg, rank=rank, world_size=world, log=lambda line: None)
     torch.save({"made": result.made, "skipped": result.skipped, "followed": result.followed}, f"{out}.{rank}")
+    torch.distributed.barrier()  # no rank tears gloo down while the other still has work in flight
     torch.distributed.destroy_process_group()
 
 
