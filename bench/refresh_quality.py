@@ -11,6 +11,13 @@ dense generation with stock diffusers attention, same caption and seed). Per k: 
 against the k=1 video (what reuse alone changes), the sparse steps' block density, and the share of sparse
 attention calls that reused blocks instead of estimating (from the processor's statistics). Rows are written
 to ``--out`` (JSON) after each k; the Markdown table is printed last.
+
+``--fp8`` adds, for each k, a row with the float8 estimate (``estimate_fp8=True``: q and k scored as float8
+e4m3 copies), scored the same way and paired with the bfloat16-estimate row of the same k (the question of the
+speed issue: does the float8 estimate change quality?). ``--density D`` selects the estimate's top-k at that
+density (``density=D``) instead of ``--threshold``.
+
+    python bench/refresh_quality.py --ks 1 5 --fp8 --out docs/results/estimate_fp8_quality_h100.json
 """
 
 from __future__ import annotations
@@ -53,28 +60,40 @@ def meta_device(args) -> str:
     return torch.cuda.get_device_name() if args.device == "cuda" else args.device
 
 
+def selection_text(meta: dict) -> str:
+    return f"top-k density {meta['density']}" if meta.get("density") else f"threshold {meta['threshold']}"
+
+
 def markdown(data: dict) -> str:
     meta = data["meta"]
     lines = [
         f"{meta['device']} ({meta['dtype']}), {meta['videos']} videos ({len(meta['captions'])} captions x seeds "
-        f"{meta['seeds']}), threshold {meta['threshold']}, stride {meta['stride']}, {meta['warmup_steps']} of "
+        f"{meta['seeds']}), {selection_text(meta)}, stride {meta['stride']}, {meta['warmup_steps']} of "
         f"{meta['steps']} steps dense, {meta['order']} order; {meta['seconds_per_generation']:.1f} s a "
         "generation.",
         "",
-        "| refresh_every | sparse calls reused | sparse density (std) | PSNR dB vs dense mean (std) | "
-        "PSNR min..max | SSIM vs dense mean (min) | PSNR dB vs k=1 mean (min) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| refresh_every | estimate | sparse calls reused | sparse density (std) | PSNR dB vs dense mean (std) | "
+        "PSNR min..max | SSIM vs dense mean (min) | PSNR dB vs k=1 mean (min) | PSNR vs bf16-estimate row, "
+        "paired mean (min..max) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in data["rows"]:
         r = row["summary"]
+        paired = r.get("psnr_gain_vs_bf16")
         cells = [
             str(row["refresh_every"]),
+            "float8" if row.get("estimate_fp8") else meta["dtype"],
             f"{r['reused_share']['mean']:.0%}",
             f"{fmt(r['sparse_density'], 'mean', '.3f')} ({fmt(r['sparse_density'], 'std', '.3f')})",
             f"{fmt(r['psnr'], 'mean', '.2f')} ({fmt(r['psnr'], 'std', '.2f')})",
             f"{fmt(r['psnr'], 'min', '.2f')}..{fmt(r['psnr'], 'max', '.2f')}",
             f"{fmt(r['ssim'], 'mean', '.4f')} ({fmt(r['ssim'], 'min', '.4f')})",
             f"{fmt(r['psnr_vs_k1'], 'mean', '.2f')} ({fmt(r['psnr_vs_k1'], 'min', '.2f')})",
+            (
+                f"{fmt(paired, 'mean', '+.2f')} ({fmt(paired, 'min', '+.2f')}..{fmt(paired, 'max', '+.2f')})"
+                if paired and paired.get("mean") is not None
+                else "-"
+            ),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -93,6 +112,7 @@ def block_drift(fixture, transformer, caption: str, seed: int, gen_kw: dict, arg
         block_size=128,
         warmup_steps=warmup_steps,
         token_order=args.order,
+        density=args.density,
     )
     masks: dict[int, list[torch.Tensor]] = {}
     estimate = proc.select_blocks
@@ -141,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--density", type=float, default=None, help="top-k selection at this density instead")
+    parser.add_argument("--fp8", action="store_true", help="also a float8-estimate row for each k")
     parser.add_argument("--stride", type=int, default=8)
     parser.add_argument("--warmup", type=float, default=0.2, help="dense share of the steps")
     parser.add_argument("--order", default="raster", choices=["raster", "tiled"])
@@ -186,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "guidance": args.guidance,
         "threshold": args.threshold,
+        "density": args.density,
         "stride": args.stride,
         "warmup_steps": warmup_steps,
         "order": args.order,
@@ -198,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     data = {"meta": meta, "rows": []}
     k1_videos = None
-    for k in sorted(args.ks):
+    bf16_psnr: dict[int, list[float]] = {}
+    for k, fp8 in [(k, fp8) for k in sorted(args.ks) for fp8 in ([False, True] if args.fp8 else [False])]:
         t1 = time.perf_counter()
         proc = xattn_video.enable(
             transformer,
@@ -208,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             warmup_steps=warmup_steps,
             token_order=args.order,
             refresh_every=k,
+            estimate_fp8=fp8,
+            density=args.density,
         )
         videos, per_video = [], []
         try:
@@ -221,17 +247,22 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 if k1_videos is not None:
                     entry["psnr_vs_k1"] = score(k1_videos[len(videos)], video)["psnr"]
+                if fp8 and k in bf16_psnr:
+                    entry["psnr_gain_vs_bf16"] = entry["psnr"] - bf16_psnr[k][len(videos)]
                 videos.append(video)
                 per_video.append(entry)
                 proc.reset_stats()
         finally:
             proc.detach()
             transformer.set_attn_processor(dict(stock))  # diffusers pops the dict it is given
-        if k == 1:
+        if k == 1 and not fp8:
             k1_videos = videos
-        keys = ("psnr", "ssim", "sparse_density", "reused_share", "psnr_vs_k1")
+        if not fp8:
+            bf16_psnr[k] = [v["psnr"] for v in per_video]
+        keys = ("psnr", "ssim", "sparse_density", "reused_share", "psnr_vs_k1", "psnr_gain_vs_bf16")
         row = {
             "refresh_every": k,
+            "estimate_fp8": fp8,
             "seconds": time.perf_counter() - t1,
             "videos": per_video,
             "summary": {key: summary([v.get(key) for v in per_video]) for key in keys},
@@ -242,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(json.dumps(data, indent=1) + "\n")
         r = row["summary"]
         print(
-            f"k={k}: PSNR {r['psnr']['mean']:.2f} dB (min {r['psnr']['min']:.2f}), SSIM {r['ssim']['mean']:.4f}, "
+            f"k={k}{' fp8 estimate' if fp8 else ''}: PSNR {r['psnr']['mean']:.2f} dB (min {r['psnr']['min']:.2f}), SSIM {r['ssim']['mean']:.4f}, "
             f"sparse density {r['sparse_density']['mean']:.3f}, reused {r['reused_share']['mean']:.0%} "
             f"[{row['seconds']:.1f} s]",
             flush=True,
