@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(json.dumps(data, indent=1) + "\n")
         r = row["summary"]
         print(
-            f"k={k}{' fp8 estimate' if fp8 else ''}: PSNR {r['psnr']['mean']:.2f} dB (min {r['psnr']['min']:.2f}), SSIM {r['ssim']['mean']:.4f}, "
+            f"k={k}{' fp8 estimate' if fp8 else ''}: PSNR {r['psnr']['mean']:.2f} dB (min {r['psnr']['min']:.2f}), "
+            f"SSIM {r['ssim']['mean']:.4f}, "
             f"sparse density {r['sparse_density']['mean']:.3f}, reused {r['reused_share']['mean']:.0%} "
             f"[{row['seconds']:.1f} s]",
             flush=True,
