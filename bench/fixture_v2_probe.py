@@ -16,9 +16,12 @@ blocks keep ~63% of the attention mass, 20.6 dB (docs/quality.md, "Levers"). Thi
 3. ``probe`` the shipped fixture at the variant's size and both fixtures at the comparison size (16x64x64):
    grid size and depth apart.
 
-Writes under --out: ``fixture_v2/`` (the trained fixture, train_log.json, samples.npz), ``train.log``,
-``probe_<name>.json`` / ``.log``, ``gen_v2.json`` / ``.log``, ``summary.json`` and the table on stdout. Every
-stage stops starting work at the --budget deadline; JSON is written as results come.
+Works in --work: ``fixture_v2/`` (the trained fixture, train_log.json, samples.npz), ``train.log``,
+``probe_<name>.json`` / ``.log``, ``gen_v2.json`` / ``.log`` (levers' outputs). Writes under --out three flat
+files (the device returns at most 8, two folders deep): ``fixture_v2.tar.gz`` (fixture_v2/ and train.log, right
+after training), ``results.tar.gz`` (every JSON and log of --work, rewritten after each stage) and
+``summary.json`` (the table's numbers); the table goes to stdout. Every stage stops starting work at the
+--budget deadline.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import math
 import os
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 import traceback
@@ -74,6 +79,16 @@ def run_logged(cmd: list[str], log: Path, timeout: float, env: dict) -> int | No
         finally:
             timer.cancel()
     return None if proc.returncode == -9 else proc.returncode
+
+
+def pack(archive: Path, root: Path, names: list[str]) -> None:
+    """tar.gz of ``names`` (files or folders under ``root``), written atomically."""
+    tmp = archive.with_name(archive.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for name in names:
+            if (root / name).exists():
+                tar.add(root / name, arcname=name)
+    os.replace(tmp, archive)
 
 
 def size_of(text: str) -> tuple[int, int]:
@@ -171,12 +186,13 @@ def table(out: Path, probes: list[tuple[str, str, int, int]], summary: dict) -> 
     dense = summary.get("dense_seconds", {})
     if dense:
         print("dense generation seconds per video: " + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()))
-    print(f"(written to {out})")
+    print(f"(summary.json, results.tar.gz, fixture_v2.tar.gz in {out})")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="results (three flat files)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fixture_v2_work")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for everything (stages stop by then)")
     parser.add_argument("--train-seconds", type=float, default=240.0)
     parser.add_argument("--config-json", default=V2_CONFIG)
@@ -197,18 +213,23 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     deadline = t_start + args.budget
     left = lambda: deadline - time.perf_counter()  # noqa: E731
-    out = args.out
+    out, work = args.out, args.work
     out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    for stale in [*work.glob("probe_*"), *work.glob("gen_v2*"), *work.glob("*.log")]:  # levers appends to its JSON
+        stale.unlink()
     frames, size = size_of(args.size)
     cframes, csize = size_of(args.compare_size)
-    v2_dir = out / "fixture_v2"
+    v2_dir = work / "fixture_v2"
     v2_model = v2_dir / "fixture_model"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(ROOT)) if p)
-    summary: dict = {"args": vars(args) | {"out": str(out)}, "probe": {}, "gen": {}}
+    summary: dict = {"args": vars(args) | {"out": str(out), "work": str(work)}, "probe": {}, "gen": {}}
 
     def save_summary() -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        logs = sorted(p.name for p in work.iterdir() if p.suffix in (".json", ".log"))
+        pack(out / "results.tar.gz", work, logs)
 
     # 1. train (a subprocess: a hard time limit, its own GPU memory)
     if not args.skip_train:
@@ -217,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--frames", str(frames), "--size", str(size), "--small-frames", str(cframes)]
         cmd += ["--small-size", str(csize), "--warmup", str(args.warmup_steps), "--samples", "2"]
         cmd += ["--save-every", "60", "--device", args.device]
-        rc = run_logged(cmd, out / "train.log", min(args.train_seconds + 120, left() - 30), env)
+        rc = run_logged(cmd, work / "train.log", min(args.train_seconds + 120, left() - 30), env)
         print(f"train exit {rc} at {time.perf_counter() - t_start:.0f} s", flush=True)
+        pack(out / "fixture_v2.tar.gz", work, ["fixture_v2", "train.log"])
     log_path = v2_dir / "train_log.json"
     if log_path.is_file():
         log = json.loads(log_path.read_text())
@@ -247,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         if left() < 5:
             print(f"skipped (time): {name}", flush=True)
             return
-        tee = Tee(out / f"{name}.log")
+        tee = Tee(work / f"{name}.log")
         with contextlib.closing(tee.file), contextlib.redirect_stdout(tee):
             print(f"== {name} [{left():.0f} s left]: levers {' '.join(argv)}", flush=True)
             try:
@@ -258,9 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     def probe(name: str, fixture: Path | None, f: int, s: int) -> None:
         argv = ["probe", "--video-list", *args.probe_videos, "--orders", "raster", "--selections", *SELECTIONS]
         argv += ["--probe-steps", *map(str, args.probe_steps), "--frames", str(f), "--size", str(s)]
-        argv += ["--out", str(out / f"probe_{name}.json")] + (["--fixture", str(fixture)] if fixture else [])
-        lever(f"probe_{name}", argv)
-        summary["probe"][name] = probe_rows(out / f"probe_{name}.json")
+        stem = "probe_" + name.replace("@", "_")
+        argv += ["--out", str(work / f"{stem}.json")] + (["--fixture", str(fixture)] if fixture else [])
+        lever(stem, argv)
+        summary["probe"][name] = probe_rows(work / f"{stem}.json")
         save_summary()
 
     probes = [
@@ -272,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     name, fx, f, s = probes[0]
     probe(name, Path(fx), f, s)
 
-    gen_out = out / "gen_v2.json"
+    gen_out = work / "gen_v2.json"
     settings = [f"raster@{sel}@{args.dense_warmup}" for sel in GEN_SELECTIONS]
     last = 45.0  # seconds of one video's gen (every setting); measured after the first
     for ci in range(args.videos):  # one video at a time, every setting: a time cut leaves paired rows
