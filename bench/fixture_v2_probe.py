@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="results (three flat files)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fixture_v2_work")
-    parser.add_argument("--budget", type=float, default=540.0, help="seconds for everything (stages stop by then)")
+    parser.add_argument("--budget", type=float, default=520.0, help="seconds for everything (stages stop by then)")
     parser.add_argument("--train-seconds", type=float, default=240.0)
     parser.add_argument("--config-json", default=V2_CONFIG)
     parser.add_argument("--size", default="16x128", help="variant's main size FRAMESxPIXELS")
