@@ -28,6 +28,11 @@ runs explicit triples.
 
     python bench/levers.py probe --videos 2 --out docs/results/levers_probe.json
     python bench/levers.py gen --videos 4 --orders raster --selections oracle:0.9 otopk:0.3 --out ...
+
+Another fixture (``--fixture``, a folder with transformer/ and caption_encoder/, e.g. one trained by
+``bench/train_fixture.py``) at another size (``--frames``, ``--size``): the dense references are then cached
+next to ``--out`` (``<out stem>_refs.npz``) instead of the shared ``levers_refs.npz``. Results record the setup
+and the dense generation time of every reference (``dense_seconds``).
 """
 
 from __future__ import annotations
@@ -369,6 +374,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-seconds", type=float, default=float("inf"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fixture", type=Path, default=None, help="fixture folder (default: the shipped one)")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--size", type=int, default=64, help="height and width in pixels")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     captions = [s.caption for s in sample_specs(8, PROMPT_SEED)]
@@ -377,21 +385,36 @@ def main(argv=None) -> int:
         if args.video_list
         else [(i, 0) for i in range(args.videos)]
     )
-    fixture = load_fixture(device=args.device, dtype=getattr(torch, args.dtype))
+    fixture = load_fixture(args.fixture, device=args.device, dtype=getattr(torch, args.dtype))
     t_start = time.perf_counter()
     transformer = fixture.transformer
     stock = dict(transformer.attn_processors)
-    kw = dict(frames=16, height=64, width=64, steps=args.steps, guidance_scale=4.0)
+    kw = dict(frames=args.frames, height=args.size, width=args.size, steps=args.steps, guidance_scale=4.0)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
-    ref_cache = args.out.parent / "levers_refs.npz"
+    setup = {
+        "fixture": str(args.fixture or "shipped"),
+        "frames": args.frames,
+        "size": args.size,
+        "device": args.device,
+        "dtype": args.dtype,
+    }
+    model_keys = ("fixture", "frames", "size")
+    old = results.setdefault("setup", setup)
+    if any(old[k] != setup[k] for k in model_keys):
+        raise SystemExit(f"--out {args.out} holds results of another fixture or size {old}; this run: {setup}")
+    shipped_size = args.fixture is None and (args.frames, args.size) == (16, 64)
+    ref_cache = args.out.parent / "levers_refs.npz" if shipped_size else args.out.with_name(args.out.stem + "_refs.npz")
     refs = dict(np.load(ref_cache)) if ref_cache.is_file() else {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def reference(ci: int, seed: int) -> np.ndarray:
         key = f"{ci}_{seed}_{args.steps}"
         if key not in refs:
             t0 = time.perf_counter()
             refs[key] = u8(generate(fixture, [captions[ci]], [seed], **kw))[0]
-            print(f"dense {key}: {time.perf_counter() - t0:.1f} s", flush=True)
+            seconds = time.perf_counter() - t0
+            print(f"dense {key}: {seconds:.1f} s", flush=True)
+            results.setdefault("dense_seconds", {})[key] = seconds
             np.savez_compressed(ref_cache, **refs)
         return refs[key]
 
@@ -401,6 +424,9 @@ def main(argv=None) -> int:
     if args.mode == "probe":
         cands = [(o, s) for o in args.orders for s in args.selections]
         for ci, seed in pairs:
+            if time.perf_counter() - t_start > args.max_seconds:
+                print(f"skipped (time): probe video {ci}:{seed}", flush=True)
+                continue
             proc = LeverProcessor(cands, probe=True, warmup_steps=0)
             transformer.set_attn_processor(proc)
             proc.attach(transformer)
@@ -427,8 +453,9 @@ def main(argv=None) -> int:
             finally:
                 proc.detach()
                 transformer.set_attn_processor(dict(stock))
-            print(f"probe video {ci}:{seed} {time.perf_counter() - t0:.0f} s", flush=True)
-            results["runs"].append({"video": [ci, seed], "records": proc.records})
+            seconds = time.perf_counter() - t0
+            print(f"probe video {ci}:{seed} {seconds:.0f} s", flush=True)
+            results["runs"].append({"video": [ci, seed], "seconds": seconds, "records": proc.records})
             args.out.write_text(json.dumps(results) + "\n")
         summarize_probe(results)
         return 0
@@ -442,56 +469,54 @@ def main(argv=None) -> int:
         if time.perf_counter() - t_start > args.max_seconds:
             print(f"skipped (time): {order}@{selection}@{warmup}", flush=True)
             continue
-        if True:
-            per = []
-            for ci, seed in pairs:
-                ref = reference(ci, seed)
-                proc = LeverProcessor([(order, selection)], probe=False, warmup_steps=warmup)
-                transformer.set_attn_processor(proc)
-                proc.attach(transformer)
-                t0 = time.perf_counter()
-                try:
-                    vid = u8(generate(fixture, [captions[ci]], [seed], **kw))[0]
-                finally:
-                    proc.detach()
-                    transformer.set_attn_processor(dict(stock))
-                recs = proc.records
-                per.append(
-                    {
-                        "video": [ci, seed],
-                        "psnr": video_psnr(mse_per_frame(ref, vid)),
-                        "ssim": float(np.mean(ssim_per_frame(ref, vid))),
-                        "density": float(np.mean([r["density"] for r in recs])),
-                        "kept_mass": float(np.mean([r["kept_mass"] for r in recs])),
-                        "rel_err": float(np.mean([r["rel_err"] for r in recs])),
-                        "seconds": time.perf_counter() - t0,
-                    }
-                )
-                print(
-                    f"  {order} {selection} {ci}:{seed} PSNR {per[-1]['psnr']:.2f} density "
-                    f"{per[-1]['density']:.3f} [{per[-1]['seconds']:.0f} s]",
-                    flush=True,
-                )
-            ps = [p["psnr"] for p in per]
-            row = {
-                "order": order,
-                "selection": selection,
-                "warmup": warmup,
-                "steps": args.steps,
-                "videos": per,
-                "psnr_mean": float(np.mean(ps)),
-                "psnr_std": float(np.std(ps)),
-                "psnr_min": float(np.min(ps)),
-                "psnr_max": float(np.max(ps)),
-                "density": float(np.mean([p["density"] for p in per])),
-            }
-            results["runs"].append(row)
-            args.out.write_text(json.dumps(results, indent=1) + "\n")
+        per: list[dict] = []
+        row = {"order": order, "selection": selection, "warmup": warmup, "steps": args.steps, "videos": per}
+        results["runs"].append(row)
+        for ci, seed in pairs:
+            if per and time.perf_counter() - t_start > args.max_seconds:
+                print(f"skipped (time): {order}@{selection}@{warmup} from video {ci}:{seed}", flush=True)
+                break
+            ref = reference(ci, seed)
+            proc = LeverProcessor([(order, selection)], probe=False, warmup_steps=warmup)
+            transformer.set_attn_processor(proc)
+            proc.attach(transformer)
+            t0 = time.perf_counter()
+            try:
+                vid = u8(generate(fixture, [captions[ci]], [seed], **kw))[0]
+            finally:
+                proc.detach()
+                transformer.set_attn_processor(dict(stock))
+            recs = proc.records
+            per.append(
+                {
+                    "video": [ci, seed],
+                    "psnr": video_psnr(mse_per_frame(ref, vid)),
+                    "ssim": float(np.mean(ssim_per_frame(ref, vid))),
+                    "density": float(np.mean([r["density"] for r in recs])),
+                    "kept_mass": float(np.mean([r["kept_mass"] for r in recs])),
+                    "rel_err": float(np.mean([r["rel_err"] for r in recs])),
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
             print(
-                f"{order} {selection} w={warmup}: PSNR {row['psnr_mean']:.2f} (std {row['psnr_std']:.2f}, "
-                f"{row['psnr_min']:.2f}..{row['psnr_max']:.2f}) density {row['density']:.3f}",
+                f"  {order} {selection} {ci}:{seed} PSNR {per[-1]['psnr']:.2f} density "
+                f"{per[-1]['density']:.3f} [{per[-1]['seconds']:.0f} s]",
                 flush=True,
             )
+            ps = [p["psnr"] for p in per]
+            row.update(
+                psnr_mean=float(np.mean(ps)),
+                psnr_std=float(np.std(ps)),
+                psnr_min=float(np.min(ps)),
+                psnr_max=float(np.max(ps)),
+                density=float(np.mean([p["density"] for p in per])),
+            )
+            args.out.write_text(json.dumps(results, indent=1) + "\n")  # after every video: a timeout keeps them
+        print(
+            f"{order} {selection} w={warmup}: PSNR {row['psnr_mean']:.2f} (std {row['psnr_std']:.2f}, "
+            f"{row['psnr_min']:.2f}..{row['psnr_max']:.2f}) density {row['density']:.3f}",
+            flush=True,
+        )
     return 0
 
 

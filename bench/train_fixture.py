@@ -13,6 +13,10 @@ Writes under --out: ``fixture_model/`` (transformer/ and caption_encoder/, rewri
 seconds and at the end), ``train_log.json`` (loss per step, validation loss at fixed noise levels),
 ``samples.npz`` (uint8 videos of held-out captions, made through :func:`xattn_video.testing.fixture.load_fixture`
 and :func:`~xattn_video.testing.fixture.generate`).
+
+Variant fixtures (research, not the shipped one): ``--config-json '{"num_attention_heads": 4, "num_layers": 3}'``
+overrides fields of the shipped ``TRANSFORMER_CONFIG``; with --frames/--size (the main size, also that of the
+validation and samples), --small-frames/--small-size and a separate --out (``bench/fixture_v2_probe.py``).
 """
 
 from __future__ import annotations
@@ -66,9 +70,36 @@ def flow_loss(transformer, encoder, x0, captions, sigma, noise) -> torch.Tensor:
     s = sigma.view(-1, 1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
     text, mask, pooled = encoder(captions)
-    pred = transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=text,
-                       encoder_attention_mask=mask, pooled_projections=pooled, return_dict=False)[0]
+    pred = transformer(
+        hidden_states=xt,
+        timestep=sigma * 1000,
+        encoder_hidden_states=text,
+        encoder_attention_mask=mask,
+        pooled_projections=pooled,
+        return_dict=False,
+    )[0]
     return F.mse_loss(pred.float(), (noise - x0).float())
+
+
+def transformer_config(overrides: str | None) -> dict:
+    """The shipped ``TRANSFORMER_CONFIG`` with the fields of the JSON object ``overrides`` replaced."""
+    config = dict(TRANSFORMER_CONFIG)
+    if not overrides:
+        return config
+    try:
+        extra = json.loads(overrides)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(
+            f"--config-json is not valid JSON ({exc}); expected an object such as '{{\"num_layers\": 3}}'"
+        ) from None
+    if not isinstance(extra, dict):
+        raise SystemExit(f"--config-json must be a JSON object, got {type(extra).__name__}")
+    unknown = sorted(set(extra) - set(config))
+    if unknown:
+        raise SystemExit(f"--config-json has unknown fields {unknown}; accepted: {', '.join(config)}")
+    if "rope_axes_dim" in extra:
+        extra["rope_axes_dim"] = tuple(extra["rope_axes_dim"])
+    return config | extra
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,14 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-every", type=float, default=90.0)
     parser.add_argument("--samples", type=int, default=8, help="held-out captions to sample at the end")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--config-json", default=None, help="JSON object of TRANSFORMER_CONFIG fields to override (variant fixtures)"
+    )
     args = parser.parse_args(argv)
+    config = transformer_config(args.config_json)
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     from diffusers import HunyuanVideoTransformer3DModel
 
-    transformer = HunyuanVideoTransformer3DModel(**TRANSFORMER_CONFIG).to(device).train()
+    transformer = HunyuanVideoTransformer3DModel(**config).to(device).train()
     encoder = CaptionEncoder().to(device).train()
     params = list(transformer.parameters()) + list(encoder.parameters())
     n_params = sum(p.numel() for p in params)
@@ -118,7 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         transformer.train()
         return out
 
-    log = {"config": vars(args) | {"out": str(args.out)}, "parameters": n_params, "steps": [], "validation": []}
+    log = {
+        "config": vars(args) | {"out": str(args.out)},
+        "transformer_config": config,
+        "parameters": n_params,
+        "steps": [],
+        "validation": [],
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = args.out / "fixture_model"
     t0 = time.perf_counter()
@@ -133,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr
         small = step % 4 == 3
-        frames, size, batch = ((args.small_frames, args.small_size, 4 * args.batch) if small
-                               else (args.frames, args.size, args.batch))
+        frames, size, batch = (
+            (args.small_frames, args.small_size, 4 * args.batch) if small else (args.frames, args.size, args.batch)
+        )
         specs = sample_specs(batch, rng.getrandbits(32))
         captions = [s.caption if rng.random() >= 0.1 else "" for s in specs]
         x0 = render(specs, frames, size, size, device) * 2 - 1
@@ -148,8 +190,14 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         step += 1
         if step % 10 == 0 or step < 10:
-            entry = {"step": step, "seconds": round(time.perf_counter() - t0, 2), "loss": loss.item(),
-                     "lr": lr, "grad_norm": float(grad_norm), "size": f"{frames}x{size}x{size}"}
+            entry = {
+                "step": step,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "loss": loss.item(),
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "size": f"{frames}x{size}x{size}",
+            }
             log["steps"].append(entry)
             if step % 100 == 0:
                 print(json.dumps(entry), flush=True)
@@ -173,17 +221,23 @@ def main(argv: list[str] | None = None) -> int:
     specs = sample_specs(args.samples, EVAL_SEED)
     captions = [s.caption for s in specs]
     t1 = time.perf_counter()
-    videos = generate(fixture, captions, list(range(len(captions))), frames=args.frames, height=args.size,
-                      width=args.size)
+    videos = generate(
+        fixture, captions, list(range(len(captions))), frames=args.frames, height=args.size, width=args.size
+    )
     n_small = min(4, len(captions))
-    small = generate(fixture, captions[:n_small], list(range(n_small)), frames=args.small_frames,
-                     height=args.small_size, width=args.small_size)
+    small = generate(
+        fixture,
+        captions[:n_small],
+        list(range(n_small)),
+        frames=args.small_frames,
+        height=args.small_size,
+        width=args.small_size,
+    )
     truth = render(specs, args.frames, args.size, args.size).permute(0, 2, 3, 4, 1)
     print(f"sampled {len(captions)} videos in {time.perf_counter() - t1:.1f} s", flush=True)
     to_u8 = lambda v: (v.clamp(0, 1) * 255).round().to(torch.uint8).numpy()  # noqa: E731
     tmp = args.out / "samples.tmp.npz"
-    np.savez_compressed(tmp, videos=to_u8(videos), small=to_u8(small), truth=to_u8(truth),
-                        captions=np.array(captions))
+    np.savez_compressed(tmp, videos=to_u8(videos), small=to_u8(small), truth=to_u8(truth), captions=np.array(captions))
     os.replace(tmp, args.out / "samples.npz")
     return 0
 
