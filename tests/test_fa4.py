@@ -128,6 +128,36 @@ def test_auto_prefers_fa4_only_where_it_runs(monkeypatch):
     assert not fa4.use_fa4_dense("auto", q)
 
 
+def test_an_fa4_install_that_does_not_import_is_not_chosen_and_is_named(monkeypatch):
+    """Package metadata present but ``flash_attn.cute`` failing to import (its CuTe DSL packages off the path):
+    "auto" runs the other kernels with one warning naming the cause, "fa4" is a one-line error naming it."""
+    real_import = fa4.importlib.import_module
+
+    def failing_import(name, *args):
+        if name == "flash_attn.cute":
+            raise ModuleNotFoundError("No module named 'cutlass'")
+        return real_import(name, *args)
+
+    q = torch.randn(1, 2, 256, 64)
+    monkeypatch.setattr(fa4, "problem", lambda **facts: None)  # everything else as on a Hopper GPU
+    monkeypatch.setattr(fa4, "installed_version", lambda: "4.0.0b36")
+    monkeypatch.setattr(fa4.importlib, "import_module", failing_import)
+    fa4.import_problem.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"does not import \(ModuleNotFoundError: No module named 'cutlass'\)"):
+            assert resolve_backend_for("auto", q, block_size=128) == "torch"
+        assert not fa4.use_fa4_dense("auto", q)
+        with pytest.raises(
+            RuntimeError,
+            match=r"^backend='fa4' cannot run here: flash-attn-4 4.0.0b36 is installed "
+            "but does not import",
+        ) as err:
+            xattn_attention(q, q, q, threshold=0.9, stride=8, backend="fa4")
+        assert "\n" not in str(err.value)
+    finally:
+        fa4.import_problem.cache_clear()
+
+
 def test_attention_fp8_needs_the_triton_kernel():
     with pytest.raises(ValueError, match="attention_fp8=True runs on the Triton kernel"):
         XAttnConfig(backend="fa4", attention_fp8=True)

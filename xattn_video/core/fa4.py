@@ -18,7 +18,9 @@ only the dense forward is offered there.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import warnings
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -98,10 +100,25 @@ def problem(
     return None
 
 
+@lru_cache(maxsize=1)
+def import_problem() -> str | None:
+    """Why an installed FA4 does not import (one line), or None when ``flash_attn.cute`` imports. An install can
+    have the package's metadata but not its CuTe DSL runtime (e.g. ``nvidia_cutlass_dsl/dsl_packages`` missing
+    from the path); "auto" then runs the Triton kernels, and says so once."""
+    try:
+        importlib.import_module("flash_attn.cute")
+    except Exception as err:  # ImportError, or the DSL runtime failing while it loads
+        reason = f"{PACKAGE} {installed_version()} is installed but does not import ({type(err).__name__}: {err})"
+        warnings.warn(f"{reason}; backend='auto' runs the Triton kernels instead", RuntimeWarning, stacklevel=2)
+        return reason
+    return None
+
+
 def problem_for(q: torch.Tensor, *, block_size: int | None) -> str | None:
-    """:func:`problem` for a q tensor on this machine."""
+    """:func:`problem` for a q tensor on this machine, then whether FA4 imports (checked once, only where
+    everything else allows it)."""
     capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
-    return problem(
+    reason = problem(
         device_type=q.device.type,
         capability=capability,
         version=installed_version(),
@@ -109,6 +126,7 @@ def problem_for(q: torch.Tensor, *, block_size: int | None) -> str | None:
         head_dim=q.shape[-1],
         block_size=block_size,
     )
+    return reason if reason is not None else import_problem()
 
 
 def use_fa4_dense(backend: str, q: torch.Tensor) -> bool:
