@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from reference64 import antidiagonal_block_scores64, block_sparse_attention64, select_blocks64
 from xattn_video import XAttnConfig, estimate_block_mask, xattn_attention
+from xattn_video.core.inputs import resolve_estimate_fp8
 from xattn_video.testing.synthetic import video_like_qkv
 
 BACKENDS = ["torch", "triton", "flex"]
@@ -287,5 +290,25 @@ def test_estimate_fp8_agrees_across_backends_and_with_the_exact_estimate(device)
     out, stats = xattn_attention(q, k, v, **params, estimate_fp8=True, return_stats=True)
     ref = block_sparse_attention64(q.cpu(), k.cpu(), v.cpu(), masks[0].cpu(), block_size=128, causal=False)
     assert stats.density < 1 and rel_err(out.cpu(), ref) < 1e-5  # the attention itself stays exact
-    with pytest.raises(TypeError, match="estimate_fp8 must be a bool"):
+    with pytest.raises(TypeError, match="estimate_fp8 must be a bool or 'auto', got 'yes'"):
         XAttnConfig(estimate_fp8="yes")
+
+
+@pytest.mark.parametrize(
+    "setting,is_cuda,backend,capability,expected",
+    [
+        ("auto", True, "triton", (9, 0), True),  # Hopper: float8 tensor cores
+        ("auto", True, "fa4", (9, 0), True),
+        ("auto", True, "triton", (8, 9), True),  # Ada
+        ("auto", True, "triton", (8, 0), False),  # Ampere: no float8 tensor cores
+        ("auto", True, "torch", (9, 0), False),  # the torch estimate would only add a quantisation
+        ("auto", False, "torch", None, False),  # CPU
+        (True, False, "torch", None, True),  # explicit settings are kept
+        (False, True, "triton", (9, 0), False),
+    ],
+)
+def test_estimate_fp8_auto_resolves_by_gpu(monkeypatch, setting, is_cuda, backend, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    q = SimpleNamespace(is_cuda=is_cuda, device=torch.device("cuda" if is_cuda else "cpu"))
+    assert resolve_estimate_fp8(setting, q, backend) is expected
+

@@ -164,7 +164,7 @@ def test_print_config_roundtrip(tmp_path):
         (["attention.variants.xattn.stride=3"], ["attention.variants.xattn.stride", "3", "power of two"]),
         (["attention.block_size=100"], ["attention.block_size", "100", "power of two"]),
         (["attention.backend=cuda"], ["attention.backend", "'cuda'", "triton"]),
-        (["attention.estimate_fp8=maybe"], ["attention.estimate_fp8", "'maybe'", "true or false"]),
+        (["attention.estimate_fp8=maybe"], ["attention.estimate_fp8", "'maybe'", "true, false or auto"]),
         (["attention.attention_fp8=1"], ["attention.attention_fp8", "1", "true or false"]),
         (["attention.warmup_steps=-1"], ["attention.warmup_steps", "-1", ">= 0"]),
         (["attention.dense_layers=[0, x]"], ["attention.dense_layers[1]", "'x'", "index"]),

@@ -18,6 +18,7 @@ from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PRO
 import xattn_video
 from reference64 import block_sparse_attention64
 from xattn_video import XAttnProcessor, estimate_block_mask, xattn_attention
+from xattn_video.core.config import BACKENDS
 from xattn_video.diffusion.steps import StepTracker
 from xattn_video.testing.synthetic import video_like_qkv
 from xattn_video.testing.tiny import build_tiny_hunyuan_pipeline
@@ -367,13 +368,16 @@ def test_stats_dict_json_and_debug_log(tmp_path, caplog):
         "warmup_steps": 1,
         "dense_layers": [],
         "backend": "auto",
-        "estimate_fp8": False,
+        "estimate_fp8": "auto",
         "token_order": "raster",
         "tile": [2, 8, 8],
         "attention_fp8": False,
         "refresh_every": 1,
         "density": None,
     }
+    # "auto" as resolved on this machine: float8 estimate only on a GPU with float8 tensor cores
+    fp8_gpu = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+    assert stats["resolved"]["estimate_fp8"] is fp8_gpu and stats["resolved"]["backend"] in BACKENDS
     path = proc.save_stats(tmp_path / "sub" / "stats.json")
     assert json.loads(open(path).read()) == json.loads(json.dumps(stats))
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["stats.json"]  # no temporary file left

@@ -176,7 +176,7 @@ def xattn_attention(
     causal: bool = False,
     backend: str = "auto",
     scale: float | None = None,
-    estimate_fp8: bool = False,
+    estimate_fp8: bool | str = False,
     attention_fp8: bool = False,
     out: torch.Tensor | None = None,
     return_stats: bool = False,

@@ -43,6 +43,12 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def check_estimate_fp8(estimate_fp8: bool | str) -> bool | str:
+    if not (isinstance(estimate_fp8, bool) or estimate_fp8 == "auto"):
+        raise TypeError(f"estimate_fp8 must be a bool or 'auto', got {estimate_fp8!r}")
+    return estimate_fp8
+
+
 @dataclass(frozen=True)
 class XAttnConfig:
     """Parameters of XAttention.
@@ -57,8 +63,10 @@ class XAttnConfig:
         elsewhere), "fa4" (FlashAttention-4's block-sparse forward, Hopper), "triton", "flex" or "torch".
     estimate_fp8: run the estimate's strided product on q and k quantised to float8 e4m3 (one scale per
         tensor). On an H100 it halves the estimate's time (24.3 -> 12.3 ms at 119,056 tokens) and changes
-        about 0.15% of the kept blocks at threshold 0.9 (bench/tune.py); the attention itself stays exact.
-        Off by default: the default estimate is the paper's, in the inputs' precision.
+        about 0.15% of the kept blocks at threshold 0.9 (bench/tune.py); the attention itself stays exact. On the
+        trained video fixture it changes no quality measure (docs/quality.md). "auto": float8 where the Triton
+        estimate runs on a GPU with float8 tensor cores (sm89 and newer), else the inputs' precision; the default
+        of the diffusers integrations. False (the default here): the paper's estimate, in the inputs' precision.
     attention_fp8: run the attention over the kept blocks in float8 e4m3 (q/k per-block and V per-channel scales,
         P in float8, float32 accumulation; :mod:`xattn_video.kernels.block_sparse_attention_fp8`). Approximate: 5-7%
         relative error at 119,056 video-like tokens, 1-7% per layer on the trained fixture; on an H100 1.25x the
@@ -71,7 +79,7 @@ class XAttnConfig:
     block_size: int = 128
     causal: bool = False
     backend: str = "auto"
-    estimate_fp8: bool = False
+    estimate_fp8: bool | str = False
     attention_fp8: bool = False
 
     def __post_init__(self) -> None:
@@ -81,8 +89,7 @@ class XAttnConfig:
         if not isinstance(self.causal, bool):
             raise TypeError(f"causal must be a bool, got {self.causal!r}")
         check_backend(self.backend)
-        if not isinstance(self.estimate_fp8, bool):
-            raise TypeError(f"estimate_fp8 must be a bool, got {self.estimate_fp8!r}")
+        check_estimate_fp8(self.estimate_fp8)
         if not isinstance(self.attention_fp8, bool):
             raise TypeError(f"attention_fp8 must be a bool, got {self.attention_fp8!r}")
         if self.attention_fp8 and self.backend not in ("auto", "triton"):

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from .config import XAttnConfig
-from .inputs import autocast_inputs, check_qkv, resolve_backend_for
+from .inputs import autocast_inputs, check_qkv, resolve_backend_for, resolve_estimate_fp8
 from .reference import block_scores_torch, fp8_roundtrip, select_blocks_torch
 
 
@@ -94,7 +94,7 @@ def estimate_block_mask(
     causal: bool = False,
     backend: str = "auto",
     scale: float | None = None,
-    estimate_fp8: bool = False,
+    estimate_fp8: bool | str = False,
 ) -> torch.Tensor:
     """Which key blocks XAttention keeps: bool ``[batch, heads, ceil(Nq/block), ceil(Nk/block)]``.
 
@@ -111,7 +111,8 @@ def estimate_block_mask(
 
 
 def checked_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, config: XAttnConfig) -> XAttnConfig:
-    """Check the tensors against a validated config; return it with "auto" resolved for their device."""
+    """Check the tensors against a validated config; return it with "auto" (backend, estimate_fp8) resolved for
+    their device."""
     check_qkv(q, k, v, causal=config.causal)
     backend = resolve_backend_for(config.backend, q, block_size=config.block_size, attention_fp8=config.attention_fp8)
-    return replace(config, backend=backend)
+    return replace(config, backend=backend, estimate_fp8=resolve_estimate_fp8(config.estimate_fp8, q, backend))

@@ -101,6 +101,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def resolve_estimate_fp8(estimate_fp8: bool | str, q: torch.Tensor, backend: str) -> bool:
+    """Whether the estimate scores float8 copies of q and k, for ``backend`` already resolved. "auto": where the
+    Triton estimate runs (backend triton, fa4 or flex, on CUDA) on a GPU with float8 tensor cores (sm89 and
+    newer), where it halves the estimate's time; elsewhere float8 would only add a quantisation, so the inputs'
+    precision."""
+    if estimate_fp8 != "auto":
+        return bool(estimate_fp8)
+    if not (q.is_cuda and backend in ("triton", "fa4", "flex")):
+        return False
+    return torch.cuda.get_device_capability(q.device) >= (8, 9)
+
+
 def resolve_backend_for(backend: str, q: torch.Tensor, *, block_size: int, attention_fp8: bool = False) -> str:
     """The backend that runs XAttention on ``q``'s device, dtype and head dim.
 

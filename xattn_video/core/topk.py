@@ -21,8 +21,9 @@ import math
 
 import torch
 
-from .config import check_backend
+from .config import check_backend, check_estimate_fp8
 from .estimate import BlockSelection
+from .inputs import resolve_estimate_fp8
 from .reference import block_scores_torch, compact_blocks
 
 __all__ = ["check_density", "estimate_topk_blocks", "select_topk"]
@@ -66,14 +67,16 @@ def estimate_topk_blocks(
     stride: int,
     block_size: int = 128,
     scale: float | None = None,
-    estimate_fp8: bool = False,
+    estimate_fp8: bool | str = False,
     backend: str = "auto",
 ) -> BlockSelection:
     """The antidiagonal estimate followed by :func:`select_topk`. q/k [B, H, N, D] (SDPA layout). The scores
     come from the Triton kernel for ``backend`` "triton" and "fa4", and "auto" or "flex" on CUDA (as
     :func:`~xattn_video.core.estimate.estimate_blocks` chooses), else from the torch reference."""
     check_backend(backend)
-    if backend in ("triton", "fa4") or (backend in ("auto", "flex") and q.is_cuda):
+    use_triton = backend in ("triton", "fa4") or (backend in ("auto", "flex") and q.is_cuda)
+    estimate_fp8 = resolve_estimate_fp8(check_estimate_fp8(estimate_fp8), q, "triton" if use_triton else "torch")
+    if use_triton:
         from ..kernels.estimate import block_scores_triton
 
         scores = block_scores_triton(

@@ -110,8 +110,9 @@ class XAttnSession:
 
     Args:
         threshold, stride, block_size, backend, estimate_fp8, attention_fp8: XAttention's parameters
-            (:class:`XAttnConfig`). Dense steps and layers run on FlashAttention-4's dense forward where the backend
-            is "fa4", or "auto" and FA4 runs the inputs; on SDPA otherwise.
+            (:class:`XAttnConfig`; ``estimate_fp8`` defaults to "auto": float8 on GPUs with float8 tensor cores).
+            Dense steps and layers run on FlashAttention-4's dense forward where the backend is "fa4", or "auto"
+            and FA4 runs the inputs; on SDPA otherwise.
         warmup_steps: the first ``warmup_steps`` steps of every generation run dense.
         warmup_fraction: or the first ``ceil(warmup_fraction * steps)`` steps (the number of steps read from the
             pipeline at each generation's first forward); not both.
@@ -141,7 +142,7 @@ class XAttnSession:
         warmup_fraction: float | None = None,
         dense_layers: Iterable[int] = (),
         backend: str = "auto",
-        estimate_fp8: bool = False,
+        estimate_fp8: bool | str = "auto",
         min_len: int = DEFAULT_MIN_LEN,
         attention_fp8: bool = False,
         token_order: str = "raster",
@@ -178,6 +179,7 @@ class XAttnSession:
         self._saved_backends: list[tuple[object, object]] = []
         self._warned: set[str] = set()
         self.probe: AttentionProbe | None = None  # report mode (start_probe): read by the attention op
+        self.resolved: dict = {}  # what "auto" settings became on the last estimate (backend, estimate_fp8)
 
     # ----------------------------------------------------------------- block choice and report mode
 
@@ -187,6 +189,7 @@ class XAttnSession:
         block choice (a subclass, e.g. benchmarks' fixed densities); it runs inside the attention op, at run time,
         so compiled graphs are unaffected. Called on sparse calls and by the report mode's probe."""
         config = checked_config(q, k, None, self.config)
+        self.resolved = {"backend": config.backend, "estimate_fp8": config.estimate_fp8}
         if self.density is not None and q.shape[0]:
             return estimate_topk_blocks(
                 q,
@@ -248,8 +251,9 @@ class XAttnSession:
     @property
     def stats(self) -> dict:
         """What XAttention did, in the processor's structure (see :meth:`StepStats.stats`), plus
-        ``native_calls``: calls handed to diffusers' native backend by reason."""
-        return self.stats_store.stats("xattn backend", self.settings())
+        ``native_calls``: calls handed to diffusers' native backend by reason, and ``resolved``: what the "auto"
+        settings became on the last estimate (``{"backend", "estimate_fp8"}``; empty before one)."""
+        return {**self.stats_store.stats("xattn backend", self.settings()), "resolved": dict(self.resolved)}
 
     def save_stats(self, path: str | os.PathLike) -> str:
         """Write :attr:`stats` as JSON to ``path`` (through a temporary file renamed over it); returns the path."""

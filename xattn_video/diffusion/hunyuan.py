@@ -139,6 +139,8 @@ class XAttnProcessor:
             "fa4", or "auto" where FlashAttention-4 runs the inputs, dense steps and layers use FA4's dense forward.
         estimate_fp8: score blocks on float8 e4m3 copies of q and k (about twice as fast on Hopper, about 0.15%
             of kept blocks change at threshold 0.9; see :class:`~xattn_video.XAttnConfig`). Attention stays exact.
+            "auto" (default): float8 on GPUs with float8 tensor cores (sm89+), where the trained fixture shows no
+            quality change (docs/quality.md); the inputs' precision elsewhere (CPU, older GPUs). False: never.
         attention_fp8: sparse attention in float8 on the Triton kernel (approximate; see
             :class:`~xattn_video.XAttnConfig`). Dense steps and layers stay exact.
         token_order: "raster" (diffusers' order: frame, row, column) or "tiled": on sparse calls the video tokens
@@ -172,7 +174,7 @@ class XAttnProcessor:
         warmup_steps: int = 0,
         dense_layers: Iterable[int] = (),
         backend: str = "auto",
-        estimate_fp8: bool = False,
+        estimate_fp8: bool | str = "auto",
         token_order: str = "raster",
         tile: tuple[int, int, int] | None = None,
         attention_fp8: bool = False,
@@ -183,6 +185,7 @@ class XAttnProcessor:
         self.refresh_every = check_refresh_every(refresh_every)
         self._reuse = BlockReuse(self.refresh_every)
         self._slot = None  # the reuse slot of the sparse call in progress (see _attend)
+        self.resolved: dict = {}  # what "auto" settings became on the last estimate (backend, estimate_fp8)
         self.density = check_density(density)
         self.token_order = check_token_order(token_order)
         self.tile = default_tile(block_size) if tile is None else check_tile(tile)
@@ -519,6 +522,7 @@ class XAttnProcessor:
         with this processor's parameters (threshold, or ``density``'s top-k). Benchmarks override it to
         substitute the block choice."""
         config = checked_config(q, k, None, self.config)
+        self.resolved = {"backend": config.backend, "estimate_fp8": config.estimate_fp8}
         if self.density is not None and q.shape[0]:
             return estimate_topk_blocks(
                 q,
@@ -605,9 +609,10 @@ class XAttnProcessor:
         "estimate_ms", "attention_ms", "calls", "layers": [{"layer", "block", "mode", "density", "estimate_ms",
         "attention_ms", "calls"}]}]}``; ``mode`` is "dense" (warmup or dense layer), "sparse", or "mixed" for a
         step with both; a step's density is kept / total blocks over its layers. ``totals`` sums everything.
-        ``untracked`` (present only when used) aggregates calls made without an attached tracker.
+        ``untracked`` (present only when used) aggregates calls made without an attached tracker. ``resolved``:
+        what the "auto" settings became on the last estimate (``{"backend", "estimate_fp8"}``; empty before one).
         """
-        return self._stats.stats("XAttnProcessor", self.settings())
+        return {**self._stats.stats("XAttnProcessor", self.settings()), "resolved": dict(self.resolved)}
 
     def save_stats(self, path: str | os.PathLike) -> str:
         """Write :attr:`stats` as JSON to ``path`` (through a temporary file renamed over it); returns the path."""

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from ..core.config import check_backend, check_block_size, check_stride, check_threshold
+from ..core.config import check_backend, check_block_size, check_estimate_fp8, check_stride, check_threshold
 
 __all__ = [
     "NAME",
@@ -78,7 +78,8 @@ class LLMAttentionConfig:
     min_len: prefills shorter than this many tokens run dense SDPA (the estimate costs more than it saves on
         short sequences); at least one block.
     vision: ``"dense"`` (default) or ``"xattn"``: what non-causal calls (vision towers) run.
-    estimate_fp8: score blocks on float8 copies of q and k (see :class:`xattn_video.XAttnConfig`); off by default.
+    estimate_fp8: score blocks on float8 copies of q and k (see :class:`xattn_video.XAttnConfig`; "auto": on GPUs
+        with float8 tensor cores); off by default (the fixture that validated it is a video DiT, not an LLM).
     """
 
     threshold: float = 0.9
@@ -87,7 +88,7 @@ class LLMAttentionConfig:
     min_len: int = 2048
     backend: str = "auto"
     vision: str = "dense"
-    estimate_fp8: bool = False
+    estimate_fp8: bool | str = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", check_threshold(self.threshold))
@@ -98,8 +99,7 @@ class LLMAttentionConfig:
             raise ValueError(f"min_len must be an int >= block_size={self.block_size}, got {self.min_len!r}")
         if self.vision not in VISION_MODES:
             raise ValueError(f"vision must be one of {list(VISION_MODES)}, got {self.vision!r}")
-        if not isinstance(self.estimate_fp8, bool):
-            raise TypeError(f"estimate_fp8 must be a bool, got {self.estimate_fp8!r}")
+        check_estimate_fp8(self.estimate_fp8)
 
     def to_dict(self) -> dict:
         return asdict(self)

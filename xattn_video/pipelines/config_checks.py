@@ -82,8 +82,9 @@ def common_xattn_setting(path: str, key: str, value: Any, block_size: int) -> An
     except (TypeError, ValueError) as e:
         raise fail(path, value, str(e)) from None
     if key == "estimate_fp8":
-        if not isinstance(value, bool):
-            raise fail(path, value, "true or false (score blocks on float8 copies of q and k)")
+        if not (isinstance(value, bool) or value == "auto"):
+            raise fail(path, value, "true, false or auto (score blocks on float8 copies of q and k; auto: on GPUs "
+                       "with float8 tensor cores)")
         return value
     raise KeyError(key)
 

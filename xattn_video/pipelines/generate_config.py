@@ -71,7 +71,8 @@ attention:                  # shared by every xattn variant unless the variant s
   warmup_steps: 1           # first denoising steps run dense
   dense_layers: []          # transformer block indices that always run dense
   backend: auto             # auto | fa4 | triton | flex | torch (auto: fa4 where FlashAttention-4 runs, else triton)
-  estimate_fp8: false       # score blocks on float8 copies of q/k: ~2x faster estimate on Hopper
+  estimate_fp8: auto        # score blocks on float8 copies of q/k (~2x faster estimate on Hopper): auto = on GPUs
+                            # with float8 tensor cores (sm89+); true | false
   attention_fp8: false      # float8 attention over the kept blocks (Triton kernel; approximate; backend auto|triton)
   refresh_every: 1          # estimate kept blocks at one sparse step, reuse them for the next refresh_every - 1
   min_len: null             # xattn backend (every family but HunyuanVideo): self-attention shorter than this runs
@@ -160,7 +161,7 @@ class Variant:
     warmup_steps: int | None = None
     dense_layers: tuple[int, ...] = ()
     backend: str | None = None
-    estimate_fp8: bool | None = None
+    estimate_fp8: bool | str | None = None
     min_len: int | None = None  # xattn backend only; None: its default
     attention_fp8: bool | None = None
     refresh_every: int | None = None  # None (dense, stock) or 1: estimate at every sparse step

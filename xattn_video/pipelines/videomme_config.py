@@ -58,7 +58,7 @@ attention:                  # shared by every xattn variant unless the variant s
   min_len: 64               # prefills shorter than this run dense
   backend: auto             # auto | triton | flex | torch
   vision: dense             # dense | xattn: the vision tower's non-causal attention
-  estimate_fp8: false       # score blocks on float8 copies of q/k: ~2x faster estimate on Hopper
+  estimate_fp8: false       # score blocks on float8 copies of q/k: ~2x faster estimate on Hopper; auto: on sm89+
   select: null              # run only these variants (list of names); null: all
   variants:                 # name -> settings; one answers.jsonl each
     dense: {{mode: dense}}
@@ -89,7 +89,7 @@ class Variant:
     min_len: int | None = None
     backend: str | None = None
     vision: str | None = None
-    estimate_fp8: bool | None = None
+    estimate_fp8: bool | str | None = None
 
     def settings(self) -> dict:
         return {k: getattr(self, k) for k in ("mode", *XATTN_KEYS)}
