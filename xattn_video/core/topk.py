@@ -11,8 +11,8 @@ blocks and heads by their mass: docs/quality.md, "Levers").
     out = xattn_video.core.attention._sparse_attention("torch")(q, k, v, sel, block_size=128, causal=False,
                                                                  scale=None)
 
-The processor exposes it as ``XAttnProcessor(density=...)`` (``xattn_video.enable(..., density=0.3)``); a backend
-can call :func:`estimate_topk_blocks` where it calls ``estimate_blocks``.
+The processor exposes it as ``XAttnProcessor(density=...)`` (``xattn_video.enable(..., density=0.3)``), as does the
+``xattn`` backend; both choose between it and the threshold through :func:`select_for`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import math
 
 import torch
 
-from .config import check_backend, check_estimate_fp8
-from .estimate import BlockSelection
+from .config import XAttnConfig, check_backend, check_estimate_fp8
+from .estimate import BlockSelection, checked_config, estimate_blocks
 from .inputs import resolve_estimate_fp8
 from .reference import block_scores_torch, compact_blocks
 
@@ -91,3 +91,25 @@ def estimate_topk_blocks(
     if not torch.isfinite(scores).all():
         raise ValueError("q or k contains NaN or Inf: the block estimate is undefined for such inputs")
     return select_topk(scores, density)
+
+
+def select_for(
+    q: torch.Tensor, k: torch.Tensor, config: XAttnConfig, *, density: float | None, scale: float | None = None
+) -> tuple[BlockSelection, XAttnConfig]:
+    """The key blocks kept for one valid segment (q/k [B, H, L, D], no mask) under ``config``: the threshold's
+    selection, or with ``density`` its top-k. Returns them with ``config`` as resolved for q ("auto" backend and
+    ``estimate_fp8``), which the integrations record."""
+    config = checked_config(q, k, None, config)
+    if density is not None and q.shape[0]:
+        selection = estimate_topk_blocks(
+            q,
+            k,
+            density=density,
+            stride=config.stride,
+            block_size=config.block_size,
+            scale=scale,
+            estimate_fp8=config.estimate_fp8,
+            backend=config.backend,
+        )
+        return selection, config
+    return estimate_blocks(q, k, config, scale=scale), config

@@ -24,9 +24,9 @@ from collections.abc import Iterable
 import torch
 
 from ..core.config import XAttnConfig
-from ..core.estimate import BlockSelection, checked_config, estimate_blocks
+from ..core.estimate import BlockSelection
 from ..core.token_order import check_tile, check_token_order, default_tile
-from ..core.topk import check_density, estimate_topk_blocks
+from ..core.topk import check_density, select_for
 from . import _diffusers_private as private
 from .attention_op import native_reason, route_native
 from .probe import AttentionProbe
@@ -188,20 +188,9 @@ class XAttnSession:
         estimate with this session's parameters (threshold, or ``density``'s top-k). The override point for another
         block choice (a subclass, e.g. benchmarks' fixed densities); it runs inside the attention op, at run time,
         so compiled graphs are unaffected. Called on sparse calls and by the report mode's probe."""
-        config = checked_config(q, k, None, self.config)
+        selection, config = select_for(q, k, self.config, density=self.density, scale=scale)
         self.resolved = {"backend": config.backend, "estimate_fp8": config.estimate_fp8}
-        if self.density is not None and q.shape[0]:
-            return estimate_topk_blocks(
-                q,
-                k,
-                density=self.density,
-                stride=config.stride,
-                block_size=config.block_size,
-                scale=scale,
-                estimate_fp8=config.estimate_fp8,
-                backend=config.backend,
-            )
-        return estimate_blocks(q, k, config, scale=scale)
+        return selection
 
     def start_probe(self, probe_dense: bool = True) -> AttentionProbe:
         """Report mode (``xattn-video attn-report``): from now on every sparse call also computes dense attention

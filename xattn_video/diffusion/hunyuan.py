@@ -68,11 +68,11 @@ import torch.nn.functional as F
 
 from ..core.attention import PendingStats, XAttnStats, _per_head_total, _sparse_attention, _Timer
 from ..core.config import XAttnConfig
-from ..core.estimate import BlockSelection, append_dense_rows, checked_config, estimate_blocks
+from ..core.estimate import BlockSelection, append_dense_rows, checked_config
 from ..core.fa4 import fa4_dense_attention, use_fa4_dense
 from ..core.inputs import autocast_inputs
 from ..core.token_order import TokenOrder, check_tile, check_token_order, default_tile, grid_from_latents, tiled_order
-from ..core.topk import check_density, estimate_topk_blocks
+from ..core.topk import check_density, select_for
 from .refresh import BlockReuse, check_refresh_every
 from .stats import StepStats, write_json_atomic
 from .stats import blocks as _blocks
@@ -521,19 +521,9 @@ class XAttnProcessor:
         """The key blocks XAttention keeps for the valid segment (q/k [B, H, L, D]): the antidiagonal estimate
         with this processor's parameters (threshold, or ``density``'s top-k). Benchmarks override it to
         substitute the block choice."""
-        config = checked_config(q, k, None, self.config)
+        selection, config = select_for(q, k, self.config, density=self.density)
         self.resolved = {"backend": config.backend, "estimate_fp8": config.estimate_fp8}
-        if self.density is not None and q.shape[0]:
-            return estimate_topk_blocks(
-                q,
-                k,
-                density=self.density,
-                stride=config.stride,
-                block_size=config.block_size,
-                estimate_fp8=config.estimate_fp8,
-                backend=config.backend,
-            )
-        return estimate_blocks(q, k, config)
+        return selection
 
     def sparse_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None

@@ -458,7 +458,7 @@ def _run_with_processor(pipeline, chosen, job, cfg, device: str, probe_dense: bo
         warmup_steps=chosen.warmup_steps,
         dense_layers=tuple(chosen.dense_layers),
         backend=chosen.backend,
-        estimate_fp8=bool(chosen.estimate_fp8),
+        estimate_fp8="auto" if chosen.estimate_fp8 is None else chosen.estimate_fp8,
         attention_fp8=bool(chosen.attention_fp8),
         refresh_every=chosen.refresh_every or 1,
         probe_dense=probe_dense,
