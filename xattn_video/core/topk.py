@@ -26,7 +26,7 @@ from .estimate import BlockSelection, checked_config, estimate_blocks
 from .inputs import resolve_estimate_fp8
 from .reference import block_scores_torch, compact_blocks
 
-__all__ = ["check_density", "estimate_topk_blocks", "select_topk"]
+__all__ = ["check_density", "estimate_topk_blocks", "select_for", "select_topk"]
 
 
 def check_density(density: float | None) -> float | None:
