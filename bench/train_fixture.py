@@ -10,13 +10,21 @@ caption for classifier-free guidance. AdamW, linear warmup then cosine decay ove
 autocast, float32 master weights; the weights are stored in float16 (under 10 MB).
 
 Writes under --out: ``fixture_model/`` (transformer/ and caption_encoder/, rewritten every --save-every
-seconds and at the end), ``train_log.json`` (loss per step, validation loss at fixed noise levels),
+seconds and at the end), ``checkpoint.pt`` (float32 weights, optimiser and random states, step and seconds
+trained; written with them), ``train_log.json`` (loss per step, validation loss at fixed noise levels),
 ``samples.npz`` (uint8 videos of held-out captions, made through :func:`xattn_video.testing.fixture.load_fixture`
 and :func:`~xattn_video.testing.fixture.generate`).
 
 Variant fixtures (research, not the shipped one): ``--config-json '{"num_attention_heads": 4, "num_layers": 3}'``
 overrides fields of the shipped ``TRANSFORMER_CONFIG``; with --frames/--size (the main size, also that of the
 validation and samples), --small-frames/--small-size and a separate --out (``bench/fixture_v2_probe.py``).
+
+A run into an --out that holds a checkpoint resumes it: training goes on until the seconds trained in all runs
+reach --seconds (the learning-rate schedule runs on those seconds, so a run cut by a time limit, or one per
+device call, continues where it stopped; raise --seconds to train an ended run longer). --restart starts over.
+
+    python bench/train_fixture.py --out outputs/fixture_long --seconds 1200   # call 1: stopped by its time limit
+    python bench/train_fixture.py --out outputs/fixture_long --seconds 1200   # call 2: resumes
 """
 
 from __future__ import annotations
@@ -64,6 +72,28 @@ def save_fixture(transformer, encoder, folder: Path) -> None:
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(path: Path, transformer, encoder, opt, *, step: int, seconds: float, rng, log: dict) -> None:
+    """Everything a later run needs to go on training (float32 weights, optimiser, random states, step, seconds
+    trained, the log so far), through a temporary file renamed over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    state = {
+        "transformer": transformer.state_dict(),
+        "encoder": encoder.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "seconds": seconds,
+        "python_rng": rng.getstate(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "log": log,
+    }
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def flow_loss(transformer, encoder, x0, captions, sigma, noise) -> torch.Tensor:
@@ -120,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--config-json", default=None, help="JSON object of TRANSFORMER_CONFIG fields to override (variant fixtures)"
     )
+    parser.add_argument("--restart", action="store_true", help="start over even if --out holds a checkpoint")
     args = parser.parse_args(argv)
     config = transformer_config(args.config_json)
 
@@ -162,9 +193,36 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = args.out / "fixture_model"
-    t0 = time.perf_counter()
-    last_save = t0
-    step = 0
+    checkpoint = args.out / CHECKPOINT
+    step, before = 0, 0.0  # steps and seconds trained by earlier runs into --out
+    if checkpoint.exists() and not args.restart:
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if json.dumps(state["log"]["transformer_config"]) != json.dumps(config):
+            raise SystemExit(
+                f"{checkpoint} was trained with another transformer config (--config-json); use --restart or "
+                "another --out"
+            )
+        transformer.load_state_dict(state["transformer"])
+        encoder.load_state_dict(state["encoder"])
+        opt.load_state_dict(state["optimizer"])
+        step, before = state["step"], state["seconds"]
+        rng.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        log = state["log"] | {"config": log["config"]}
+        log.setdefault("resumed", []).append({"step": step, "seconds": round(before, 2)})
+        print(f"resuming {checkpoint}: step {step}, {before:.0f} of {args.seconds:.0f} s trained", flush=True)
+    t0 = time.perf_counter() - before  # the clock counts the seconds trained in all runs
+    last_save = time.perf_counter()
+
+    def save_all() -> None:
+        save_fixture(transformer, encoder, model_dir)
+        save_checkpoint(
+            checkpoint, transformer, encoder, opt, step=step, seconds=time.perf_counter() - t0, rng=rng, log=log
+        )
+        (args.out / "train_log.json").write_text(json.dumps(log) + "\n")
+
     while True:
         elapsed = time.perf_counter() - t0
         if elapsed >= args.seconds:
@@ -205,16 +263,14 @@ def main(argv: list[str] | None = None) -> int:
             log["validation"].append({"step": step, "seconds": round(time.perf_counter() - t0, 2), **validate()})
             print("validation", json.dumps(log["validation"][-1]), flush=True)
         if time.perf_counter() - last_save > args.save_every:
-            save_fixture(transformer, encoder, model_dir)
-            (args.out / "train_log.json").write_text(json.dumps(log) + "\n")
+            save_all()
             last_save = time.perf_counter()
 
     log["validation"].append({"step": step, "seconds": round(time.perf_counter() - t0, 2), **validate()})
     log["total_steps"] = step
     log["train_seconds"] = time.perf_counter() - t0
     print(f"trained {step} steps in {log['train_seconds']:.0f} s; validation {log['validation'][-1]}", flush=True)
-    save_fixture(transformer, encoder, model_dir)
-    (args.out / "train_log.json").write_text(json.dumps(log) + "\n")
+    save_all()
 
     # samples of held-out captions, through the shipped loading code and sampler
     fixture = load_fixture(model_dir, device=device, dtype=torch.float32)
