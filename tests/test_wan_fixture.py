@@ -35,12 +35,17 @@ CAPTION = sample_specs(1, 77_000)[0].caption
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def train_fixture():
     spec = importlib.util.spec_from_file_location("train_fixture", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def trained(train_fixture, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fixture_wan")
-    assert module.main(["--out", str(out), "--seconds", "1.5", *ARGS]) == 0
+    assert train_fixture.main(["--out", str(out), "--seconds", "1.5", *ARGS]) == 0
     return out
 
 
@@ -74,6 +79,22 @@ def test_training_records_the_family_and_loads_through_from_pretrained(trained, 
     checkpoint = torch.load(trained / "checkpoint.pt", weights_only=False)
     for name, tensor in loaded.transformer.state_dict().items():  # float16 storage of the trained weights
         torch.testing.assert_close(tensor, checkpoint["transformer"][name].half().float(), atol=0, rtol=0)
+
+
+def test_a_checkpoint_of_the_other_family_is_refused(train_fixture, trained, tmp_path):
+    hunyuan = [a for a in ARGS if a not in ("--family", "wan", TINY)]
+    hunyuan = [a for a in hunyuan if a != "--config-json"]
+    with pytest.raises(SystemExit, match=r"another transformer config \(--family wan"):
+        train_fixture.main(["--out", str(trained), "--seconds", "5", *hunyuan])
+    with pytest.raises(SystemExit, match=r"unknown fields \['mlp_ratio'\]; accepted: patch_size"):
+        train_fixture.main(["--out", str(tmp_path), *ARGS[:-1], '{"mlp_ratio": 2}'])
+    config = trained / "fixture_model" / "transformer" / "config.json"
+    (tmp_path / "bad" / "transformer").mkdir(parents=True)
+    (tmp_path / "bad" / "transformer" / "config.json").write_text(
+        config.read_text().replace("WanTransformer3DModel", "MochiTransformer3DModel")
+    )
+    with pytest.raises(ValueError, match="_class_name='MochiTransformer3DModel'; accepted: HunyuanVideo"):
+        load_fixture(tmp_path / "bad")
 
 
 def test_wan_gets_zero_padded_captions_without_mask():
