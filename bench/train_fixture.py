@@ -19,6 +19,13 @@ Variant fixtures (research, not the shipped one): ``--config-json '{"num_attenti
 overrides fields of the shipped ``TRANSFORMER_CONFIG``; with --frames/--size (the main size, also that of the
 validation and samples), --small-frames/--small-size and a separate --out (``bench/fixture_v2_probe.py``).
 
+Families: ``--family hunyuan`` (default, the shipped fixture's ``HunyuanVideoTransformer3DModel``) or ``--family wan``
+(a ``WanTransformer3DModel`` of the same size, ``WAN_TRANSFORMER_CONFIG``; --config-json overrides that family's
+fields). The saved ``fixture_model/transformer/config.json`` names the class (``_class_name``), which is what
+``load_fixture`` loads.
+
+    python bench/train_fixture.py --family wan --out outputs/fixture_wan --seconds 320   # one GPU
+
 A run into an --out that holds a checkpoint resumes it: training goes on until the seconds trained in all runs
 reach --seconds (the learning-rate schedule runs on those seconds, so a run cut by a time limit, or one per
 device call, continues where it stopped; raise --seconds to train an ended run longer). --restart starts over.
@@ -46,7 +53,13 @@ from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xattn_video.testing.fixture import TRANSFORMER_CONFIG, CaptionEncoder, generate, load_fixture  # noqa: E402
+from xattn_video.testing.fixture import (  # noqa: E402
+    FAMILIES,
+    CaptionEncoder,
+    generate,
+    load_fixture,
+    transformer_inputs,
+)
 from xattn_video.testing.procedural import render, sample_specs  # noqa: E402
 
 EVAL_SEED = 90_000  # held-out specs: training draws specs from seeds of its own generator
@@ -103,17 +116,16 @@ def flow_loss(transformer, encoder, x0, captions, sigma, noise) -> torch.Tensor:
     pred = transformer(
         hidden_states=xt,
         timestep=sigma * 1000,
-        encoder_hidden_states=text,
-        encoder_attention_mask=mask,
-        pooled_projections=pooled,
         return_dict=False,
+        **transformer_inputs(transformer, text, mask, pooled),
     )[0]
     return F.mse_loss(pred.float(), (noise - x0).float())
 
 
-def transformer_config(overrides: str | None) -> dict:
-    """The shipped ``TRANSFORMER_CONFIG`` with the fields of the JSON object ``overrides`` replaced."""
-    config = dict(TRANSFORMER_CONFIG)
+def transformer_config(overrides: str | None, family: str = "hunyuan") -> dict:
+    """The fixture config of ``family`` (``TRANSFORMER_CONFIG`` or ``WAN_TRANSFORMER_CONFIG``) with the fields of
+    the JSON object ``overrides`` replaced."""
+    config = dict(FAMILIES[family][1])
     if not overrides:
         return config
     try:
@@ -127,8 +139,9 @@ def transformer_config(overrides: str | None) -> dict:
     unknown = sorted(set(extra) - set(config))
     if unknown:
         raise SystemExit(f"--config-json has unknown fields {unknown}; accepted: {', '.join(config)}")
-    if "rope_axes_dim" in extra:
-        extra["rope_axes_dim"] = tuple(extra["rope_axes_dim"])
+    for name, value in extra.items():  # JSON lists where the config holds tuples (rope_axes_dim, patch_size)
+        if isinstance(config[name], tuple) and isinstance(value, list):
+            extra[name] = tuple(value)
     return config | extra
 
 
@@ -148,18 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=8, help="held-out captions to sample at the end")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--config-json", default=None, help="JSON object of TRANSFORMER_CONFIG fields to override (variant fixtures)"
+        "--family", choices=sorted(FAMILIES), default="hunyuan", help="transformer class: HunyuanVideo or Wan"
+    )
+    parser.add_argument(
+        "--config-json", default=None, help="JSON object of the family's config fields to override (variant fixtures)"
     )
     parser.add_argument("--restart", action="store_true", help="start over even if --out holds a checkpoint")
     args = parser.parse_args(argv)
-    config = transformer_config(args.config_json)
+    config = transformer_config(args.config_json, args.family)
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    from diffusers import HunyuanVideoTransformer3DModel
+    import diffusers
 
-    transformer = HunyuanVideoTransformer3DModel(**config).to(device).train()
+    transformer = getattr(diffusers, FAMILIES[args.family][0])(**config).to(device).train()
     encoder = CaptionEncoder().to(device).train()
     params = list(transformer.parameters()) + list(encoder.parameters())
     n_params = sum(p.numel() for p in params)
@@ -186,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log = {
         "config": vars(args) | {"out": str(args.out)},
+        "family": args.family,
         "transformer_config": config,
         "parameters": n_params,
         "steps": [],
@@ -197,10 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     step, before = 0, 0.0  # steps and seconds trained by earlier runs into --out
     if checkpoint.exists() and not args.restart:
         state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if json.dumps(state["log"]["transformer_config"]) != json.dumps(config):
+        trained = (state["log"].get("family", "hunyuan"), json.dumps(state["log"]["transformer_config"]))
+        if trained != (args.family, json.dumps(config)):
             raise SystemExit(
-                f"{checkpoint} was trained with another transformer config (--config-json); use --restart or "
-                "another --out"
+                f"{checkpoint} was trained with another transformer config (--family {trained[0]}, --config-json); "
+                "use --restart or another --out"
             )
         transformer.load_state_dict(state["transformer"])
         encoder.load_state_dict(state["encoder"])

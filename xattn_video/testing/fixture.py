@@ -17,6 +17,13 @@ be measured and regression-tested on it (``bench/fixture_quality.py``, ``docs/qu
 ``xattn_video.enable(transformer, ...)`` (whose step tracker reads each call's timestep) works on it.
 Videos are pixels in [0, 1]; the model works on ``2 * pixels - 1``. Trained at 16 frames of 64x64 pixels
 (4,096 video tokens, 32 blocks of 128) and at 8 frames of 32x32 (512 tokens); RoPE admits other sizes.
+
+A Wan family of the same size (:data:`WAN_TRANSFORMER_CONFIG`, a diffusers :class:`~diffusers.WanTransformer3DModel`
+with the same caption encoder) trains with ``bench/train_fixture.py --family wan``; none is shipped yet.
+:func:`load_fixture` picks the class from the saved transformer's ``config.json`` (``_class_name``) and
+:func:`generate` calls either family. Wan's transformer takes no text mask and no pooled embedding: its captions
+are the encoder's ``max_length`` tokens with zero vectors after the caption's words (as Wan's pipelines pad their
+T5 embeddings with zeros), and its cross-attention sees those zero tokens too.
 """
 
 from __future__ import annotations
@@ -33,13 +40,17 @@ from torch import nn
 from .procedural import VOCABULARY
 
 __all__ = [
+    "FAMILIES",
     "FIXTURE_DIR",
     "TRANSFORMER_CONFIG",
+    "WAN_TRANSFORMER_CONFIG",
     "CaptionEncoder",
     "Fixture",
+    "family_of",
     "generate",
     "load_fixture",
     "sigmas",
+    "transformer_inputs",
 ]
 
 FIXTURE_DIR = Path(__file__).resolve().parent / "fixture_model"
@@ -63,6 +74,32 @@ TRANSFORMER_CONFIG = dict(
     rope_axes_dim=(8, 12, 12),
 )
 
+# The Wan family at the HunyuanVideo fixture's size: 6 heads x 32, 5 blocks (self-attention, cross-attention to the
+# caption, MLP ratio 3), pixel space with 4x4x1 patches, the caption encoder's 64 channels as text.
+WAN_TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 4, 4),
+    num_attention_heads=6,
+    attention_head_dim=32,
+    in_channels=3,
+    out_channels=3,
+    text_dim=64,
+    freq_dim=256,
+    ffn_dim=576,
+    num_layers=5,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    image_dim=None,
+    added_kv_proj_dim=None,
+    rope_max_seq_len=1024,
+)
+
+# family -> (diffusers transformer class name, its fixture config)
+FAMILIES = {
+    "hunyuan": ("HunyuanVideoTransformer3DModel", TRANSFORMER_CONFIG),
+    "wan": ("WanTransformer3DModel", WAN_TRANSFORMER_CONFIG),
+}
+
 PAD, NULL = "<pad>", "<null>"  # padding; the empty (unconditional) caption
 
 
@@ -70,8 +107,9 @@ class CaptionEncoder(nn.Module):
     """Word + position embeddings of a caption over a fixed vocabulary, and their masked mean projected as
     the pooled embedding. Unknown words are an error (the vocabulary is that of the procedural captions)."""
 
-    def __init__(self, vocabulary: tuple[str, ...] = VOCABULARY, max_length: int = 24, dim: int = 64,
-                 pooled_dim: int = 64):
+    def __init__(
+        self, vocabulary: tuple[str, ...] = VOCABULARY, max_length: int = 24, dim: int = 64, pooled_dim: int = 64
+    ):
         super().__init__()
         self.vocabulary = (PAD, NULL, *vocabulary)
         self.index = {w: i for i, w in enumerate(self.vocabulary)}
@@ -84,8 +122,12 @@ class CaptionEncoder(nn.Module):
             self.positions.weight.normal_(0, 0.3)
 
     def config(self) -> dict:
-        return {"vocabulary": list(self.vocabulary[2:]), "max_length": self.max_length, "dim": self.dim,
-                "pooled_dim": self.pooled_dim}
+        return {
+            "vocabulary": list(self.vocabulary[2:]),
+            "max_length": self.max_length,
+            "dim": self.dim,
+            "pooled_dim": self.pooled_dim,
+        }
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and mask [B, max_length] (int64; mask 1 on the caption's words). An empty caption is the
@@ -96,8 +138,10 @@ class CaptionEncoder(nn.Module):
             words = caption.split() or [NULL]
             unknown = sorted({w for w in words if w not in self.index or w in (PAD,)})
             if unknown:
-                raise ValueError(f"caption has words outside the fixture vocabulary: {unknown}; accepted words: "
-                                 f"{' '.join(self.vocabulary[2:])}")
+                raise ValueError(
+                    f"caption has words outside the fixture vocabulary: {unknown}; accepted words: "
+                    f"{' '.join(self.vocabulary[2:])}"
+                )
             if len(words) > self.max_length:
                 raise ValueError(f"caption has {len(words)} words; at most max_length={self.max_length}")
             ids[row, : len(words)] = torch.tensor([self.index[w] for w in words])
@@ -119,8 +163,10 @@ class CaptionEncoder(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(self.config(), indent=1) + "\n")
-        save_file({k: v.detach().to(torch.float16).contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(folder / "model.safetensors"))
+        save_file(
+            {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in self.state_dict().items()},
+            str(folder / "model.safetensors"),
+        )
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> CaptionEncoder:
@@ -149,18 +195,52 @@ class Fixture:
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
 
+    @property
+    def family(self) -> str:
+        return family_of(self.transformer)
 
-def load_fixture(folder: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> Fixture:
-    """Load the shipped fixture (or the one in ``folder``) with ``HunyuanVideoTransformer3DModel.from_pretrained``;
-    the transformer in ``dtype``, the caption encoder in float32, both on ``device``."""
-    from diffusers import HunyuanVideoTransformer3DModel
+
+def family_of(transformer: nn.Module) -> str:
+    """The fixture family ("hunyuan" or "wan") of a transformer, from its class."""
+    names = {cls.__name__ for cls in type(transformer).__mro__}
+    for family, (class_name, _) in FAMILIES.items():
+        if class_name in names:
+            return family
+    raise TypeError(f"transformer must be one of {[c for c, _ in FAMILIES.values()]}, got {type(transformer).__name__}")
+
+
+def transformer_inputs(
+    transformer: nn.Module, text: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The caption arguments of one transformer call, from :class:`CaptionEncoder`'s outputs: HunyuanVideo gets
+    the text, its mask and the pooled embedding; Wan (no mask or pooled argument) the text alone, all
+    ``max_length`` tokens, zero after the caption's words."""
+    if family_of(transformer) == "wan":
+        return {"encoder_hidden_states": text}
+    return {"encoder_hidden_states": text, "encoder_attention_mask": mask, "pooled_projections": pooled}
+
+
+def load_fixture(
+    folder: str | os.PathLike | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Fixture:
+    """Load the shipped fixture (or the one in ``folder``) with its transformer class's ``from_pretrained``
+    (``HunyuanVideoTransformer3DModel`` or ``WanTransformer3DModel``, named by ``transformer/config.json``'s
+    ``_class_name``); the transformer in ``dtype``, the caption encoder in float32, both on ``device``."""
+    import diffusers
 
     folder = Path(folder) if folder is not None else FIXTURE_DIR
     if not (folder / "transformer" / "config.json").is_file():
-        raise FileNotFoundError(f"no fixture transformer under {folder}: expected transformer/config.json (train "
-                                "one with bench/train_fixture.py)")
-    transformer = HunyuanVideoTransformer3DModel.from_pretrained(folder / "transformer", torch_dtype=dtype)
+        raise FileNotFoundError(
+            f"no fixture transformer under {folder}: expected transformer/config.json (train "
+            "one with bench/train_fixture.py)"
+        )
+    class_name = json.loads((folder / "transformer" / "config.json").read_text()).get("_class_name")
+    accepted = [c for c, _ in FAMILIES.values()]
+    if class_name not in accepted:
+        raise ValueError(
+            f"{folder / 'transformer' / 'config.json'} has _class_name={class_name!r}; accepted: {', '.join(accepted)}"
+        )
+    transformer = getattr(diffusers, class_name).from_pretrained(folder / "transformer", torch_dtype=dtype)
     encoder = CaptionEncoder.load(folder / "caption_encoder")
     return Fixture(transformer.to(device).eval(), encoder.to(device))
 
@@ -198,12 +278,19 @@ def generate(
     ``1000 * sigma``; the velocity is ``v_uncond + guidance_scale * (v_cond - v_uncond)``.
     """
     if len(captions) != len(seeds) or not captions:
-        raise ValueError(f"captions and seeds must be non-empty lists of one length, got {len(captions)} and "
-                         f"{len(seeds)}")
-    p = fixture.transformer.config.patch_size
-    if frames < 1 or height % p or width % p or height < p or width < p:
-        raise ValueError(f"height and width must be positive multiples of the patch size {p} and frames >= 1, got "
-                         f"{frames}x{height}x{width}")
+        raise ValueError(
+            f"captions and seeds must be non-empty lists of one length, got {len(captions)} and {len(seeds)}"
+        )
+    config = fixture.transformer.config
+    if fixture.family == "wan":
+        pt, p, pw = config.patch_size
+    else:
+        pt, p, pw = config.patch_size_t, config.patch_size, config.patch_size
+    if frames < 1 or frames % pt or height % p or width % pw or height < p or width < pw:
+        raise ValueError(
+            f"height and width must be positive multiples of the patch size {p} and frames >= 1, got "
+            f"{frames}x{height}x{width}"
+        )
     device, dtype = fixture.device, fixture.dtype
     noise = [torch.randn(3, frames, height, width, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     x = torch.stack(noise).to(device)
@@ -214,8 +301,12 @@ def generate(
     for sigma, sigma_next in zip(levels[:-1], levels[1:], strict=True):
         model_in = torch.cat([x, x]) if guided else x
         t = torch.full((model_in.shape[0],), 1000.0 * sigma, device=device)
-        v = fixture.transformer(hidden_states=model_in.to(dtype), timestep=t, encoder_hidden_states=text,
-                                encoder_attention_mask=mask, pooled_projections=pooled, return_dict=False)[0]
+        v = fixture.transformer(
+            hidden_states=model_in.to(dtype),
+            timestep=t,
+            return_dict=False,
+            **transformer_inputs(fixture.transformer, text, mask, pooled),
+        )[0]
         v = v.float()
         if guided:
             v_cond, v_uncond = v.chunk(2)
