@@ -81,12 +81,13 @@ def run_logged(cmd: list[str], log: Path, timeout: float, env: dict) -> int | No
 
 
 def pack(archive: Path, root: Path, names: list[str]) -> None:
-    """tar.gz of ``names`` (files or folders under ``root``), written atomically."""
+    """tar.gz of ``names`` (files or folders under ``root``), written atomically; training checkpoints (float32
+    weights and optimiser state, several times the fixture's size) stay on the machine."""
     tmp = archive.with_name(archive.name + ".tmp")
     with tarfile.open(tmp, "w:gz") as tar:
         for name in names:
             if (root / name).exists():
-                tar.add(root / name, arcname=name)
+                tar.add(root / name, arcname=name, filter=lambda info: None if info.name.endswith(".pt") else info)
     os.replace(tmp, archive)
 
 
