@@ -269,15 +269,29 @@ def comparison(data: dict) -> list[str]:
     return lines
 
 
+def fixture_text(meta: dict) -> str:
+    if "fixture" not in meta:
+        return "the shipped fixture (`xattn_video/testing/fixture_model`, see [fixture.md](fixture.md))"
+    return f"the {meta['family']} fixture in `{meta['fixture']}` (see [fixture.md](fixture.md))"
+
+
+def text_tokens(meta: dict) -> str:
+    if meta.get("family", "hunyuan") == "hunyuan":
+        return "+ up to 24 text tokens in the joint attention"
+    return (
+        f"in self-attention (the xattn backend, min_len {meta['min_len']}); the 24 caption tokens enter by "
+        "cross-attention, which stays native"
+    )
+
+
 def markdown(data: dict) -> str:
     meta = data["meta"]
     lines = [
         "# XAttention quality on the trained video fixture",
         "",
-        f"Made by `python bench/fixture_quality.py` on {meta['device']} ({meta['dtype']}): the shipped fixture "
-        f"(`xattn_video/testing/fixture_model`, see [fixture.md](fixture.md)), {meta['frames']} frames of "
-        f"{meta['size']}x{meta['size']} px = {meta['video_tokens']} video tokens "
-        f"({meta['video_tokens'] // meta['block_size']} blocks of {meta['block_size']}) + up to 24 text tokens, "
+        f"Made by `python bench/fixture_quality.py` on {meta['device']} ({meta['dtype']}): {fixture_text(meta)}, "
+        f"{meta['frames']} frames of {meta['size']}x{meta['size']} px = {meta['video_tokens']} video tokens "
+        f"({meta['video_tokens'] // meta['block_size']} blocks of {meta['block_size']}) {text_tokens(meta)}, "
         f"{meta['steps']} Euler steps, CFG "
         f"{meta['guidance']}; {len(meta['captions'])} held-out captions x seeds {meta['seeds']} = "
         f"{meta['videos']} videos per row. Reference: the dense generation (stock diffusers attention) with the "
@@ -365,6 +379,20 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="fixed-density rows (XAttnProcessor(density=...): top-k blocks per query block)",
     )
+    parser.add_argument(
+        "--fixture",
+        type=Path,
+        default=None,
+        help="a fixture_model folder (e.g. a Wan fixture from bench/train_fixture.py --family wan); default: the "
+        "shipped one",
+    )
+    parser.add_argument(
+        "--min-len",
+        type=int,
+        default=0,
+        help="Wan fixtures (the xattn backend): self-attention calls shorter than this run native (default 0: all "
+        "on XAttention; the backend's own default, 12,288 tokens, is above the fixture's sizes)",
+    )
     parser.add_argument("--no-floor", action="store_true", help="skip the dense-rerun and threshold-1.0 rows")
     parser.add_argument("--no-report", action="store_true", help="skip the attention reports")
     parser.add_argument("--report-threshold", type=float, default=0.9)
@@ -382,8 +410,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    fixture = load_fixture(device=args.device, dtype=getattr(torch, args.dtype))
+    fixture = load_fixture(args.fixture, device=args.device, dtype=getattr(torch, args.dtype))
     transformer = fixture.transformer
+    backend_only = {"min_len": args.min_len} if fixture.family == "wan" else {}  # Wan runs on the xattn backend
     stock = dict(transformer.attn_processors)
     captions = [s.caption for s in sample_specs(args.prompts, PROMPT_SEED)]
     jobs = [(c, seed) for seed in args.seeds for c in captions]
@@ -410,7 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         "diffusers": __import__("diffusers").__version__,
         "torch": torch.__version__,
     }
-    for order in [] if args.no_report else args.orders:
+    if args.fixture is not None:  # (the shipped fixture's meta stays as it was, so its results resume)
+        meta |= {"fixture": str(args.fixture), "family": fixture.family, "min_len": backend_only.get("min_len")}
+    if fixture.family != "hunyuan" and not args.no_report:
+        print("attention report: HunyuanVideo fixtures only (its recording processor); skipped", flush=True)
+    for order in [] if args.no_report or fixture.family != "hunyuan" else args.orders:
         if (args.out / f"attn_report_{order}" / "attn_report.json").is_file():
             print(f"attention report ({order}) already there", flush=True)
             continue
@@ -444,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup_steps=warmup_steps,
                 token_order=setting["order"],
                 density=setting.get("density"),
+                **backend_only,
                 estimate_fp8=False,  # the paper's estimate, as in the published rows (float8 on GPUs: docs/quality.md)
             )
             try:

@@ -136,3 +136,26 @@ def test_xattn_backend_equals_stock_at_threshold_one_and_goes_sparse_below(fixtu
     finally:
         session.disable()
     torch.testing.assert_close(generate(fixture, [CAPTION], [0], **SIZE), stock, atol=0, rtol=0)
+
+
+def test_the_quality_table_runs_on_a_wan_fixture(trained, tmp_path):
+    """bench/fixture_quality.py --fixture on a Wan fixture: the dense rerun is bit-identical, threshold 1.0 through
+    the xattn backend is stock diffusers' video to uint8 rounding, a low threshold keeps fewer blocks."""
+    spec = importlib.util.spec_from_file_location("fixture_quality", SCRIPT.with_name("fixture_quality.py"))
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    out = tmp_path / "quality_wan"
+    args = [
+        *["--out", str(out), "--fixture", str(trained / "fixture_model")],
+        *"--device cpu --dtype float32 --prompts 1 --seeds 0 --steps 3 --frames 4 --size 32 --block-size 16".split(),
+        *"--thresholds 0.3 --strides 4 --warmups 0 --orders raster --min-len 16 --no-report".split(),
+    ]
+    assert quality.main(args) == 0
+    data = json.loads((out / "quality.json").read_text())
+    assert data["meta"]["family"] == "wan" and data["meta"]["min_len"] == 16
+    rows = {r["setting"]["name"]: r["summary"] for r in data["rows"]}
+    assert rows["dense rerun"]["psnr"]["mean"] == float("inf")
+    assert rows["xattn t=1.0 s=8 w=0 raster"]["psnr"]["mean"] > 50  # equal to stock up to float rounding
+    assert rows["xattn t=1.0 s=8 w=0 raster"]["sparse_density"]["mean"] == 1.0
+    assert rows["xattn t=0.3 s=4 w=0% raster"]["sparse_density"]["mean"] < 1.0
+    assert "the wan fixture in" in out.with_suffix(".md").read_text()
