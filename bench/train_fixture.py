@@ -167,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         "--config-json", default=None, help="JSON object of the family's config fields to override (variant fixtures)"
     )
     parser.add_argument("--restart", action="store_true", help="start over even if --out holds a checkpoint")
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="a fixture_model folder whose weights start a new run (fine-tuning, e.g. the shipped fixture at "
+        "another size; fresh optimiser and schedule); its transformer config must be this run's",
+    )
     args = parser.parse_args(argv)
     config = transformer_config(args.config_json, args.family)
 
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     log = {
-        "config": vars(args) | {"out": str(args.out)},
+        "config": vars(args) | {"out": str(args.out), "init": args.init and str(args.init)},
         "family": args.family,
         "transformer_config": config,
         "parameters": n_params,
@@ -231,6 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         log = state["log"] | {"config": log["config"]}
         log.setdefault("resumed", []).append({"step": step, "seconds": round(before, 2)})
         print(f"resuming {checkpoint}: step {step}, {before:.0f} of {args.seconds:.0f} s trained", flush=True)
+    elif args.init is not None:
+        start = load_fixture(args.init, device=device, dtype=torch.float32)
+        try:
+            transformer.load_state_dict(start.transformer.state_dict())
+        except RuntimeError as exc:
+            raise SystemExit(f"--init {args.init}: its transformer is not this run's config ({exc})") from None
+        encoder.load_state_dict(start.encoder.state_dict())
+        log["init"] = str(args.init)
+        print(f"starting from the weights of {args.init}", flush=True)
     t0 = time.perf_counter() - before  # the clock counts the seconds trained in all runs
     last_save = time.perf_counter()
 

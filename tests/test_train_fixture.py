@@ -57,3 +57,19 @@ def test_a_checkpoint_of_another_model_is_refused(train_fixture, tmp_path):
     other = [a if a != TINY else TINY.replace('"num_layers": 1', '"num_layers": 2') for a in ARGS]
     with pytest.raises(SystemExit, match="another transformer config"):
         train_fixture.main(["--out", str(tmp_path), "--seconds", "1", *other])
+
+
+def test_init_starts_from_a_fixtures_weights_and_refuses_another_config(train_fixture, tmp_path):
+    run(train_fixture, tmp_path / "base", 0.5)
+    base = load_fixture(tmp_path / "base" / "fixture_model")
+    tuned = run(train_fixture, tmp_path / "tuned", 0.0, "--init", str(tmp_path / "base" / "fixture_model"))
+    assert tuned["step"] == 0  # no time to train: the saved weights are the init's, bit for bit (float16 both)
+    for name, value in load_fixture(tmp_path / "tuned" / "fixture_model").transformer.state_dict().items():
+        assert torch.equal(value, base.transformer.state_dict()[name]), name
+    fresh = run(train_fixture, tmp_path / "fresh", 0.0)
+    assert any(not torch.equal(v, base.transformer.state_dict()[k].float()) for k, v in fresh["transformer"].items())
+    other = [a if a != TINY else TINY.replace('"num_layers": 1', '"num_layers": 2') for a in ARGS]
+    with pytest.raises(SystemExit, match="not this run's config"):
+        train_fixture.main(
+            ["--out", str(tmp_path / "x"), "--seconds", "0", *other, "--init", str(tmp_path / "base" / "fixture_model")]
+        )

@@ -117,6 +117,16 @@ def test_generation_is_deterministic(fixture):
         generate(fixture, [CAPTION], [0], frames=2, height=30, width=32)
 
 
+def test_generation_in_bfloat16_follows_float32(trained, fixture):
+    """Wan keeps some modules in float32 (its first parameter, scale_shift_table, is one): the fixture's dtype is
+    diffusers' (the first one outside them), so the inputs go in as bfloat16, as the GPU tables run it."""
+    half = load_fixture(trained / "fixture_model", dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    video = generate(half, [CAPTION], [0], **SIZE)
+    reference = generate(fixture, [CAPTION], [0], **SIZE)
+    assert (video - reference).abs().mean() < 0.05
+
+
 def test_xattn_backend_equals_stock_at_threshold_one_and_goes_sparse_below(fixture):
     stock = generate(fixture, [CAPTION], [0], **SIZE)  # diffusers' default attention
     session = xattn_video.enable(fixture.transformer, integration="backend", threshold=1.0, **SPARSE)
