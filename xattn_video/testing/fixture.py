@@ -42,6 +42,7 @@ from .procedural import VOCABULARY
 __all__ = [
     "FAMILIES",
     "FIXTURE_DIR",
+    "WAN_FIXTURE_DIR",
     "TRANSFORMER_CONFIG",
     "WAN_TRANSFORMER_CONFIG",
     "CaptionEncoder",
@@ -54,6 +55,8 @@ __all__ = [
 ]
 
 FIXTURE_DIR = Path(__file__).resolve().parent / "fixture_model"
+# the Wan fixture (bench/train_fixture.py --family wan, 280 s on one H100; docs/fixture.md)
+WAN_FIXTURE_DIR = Path(__file__).resolve().parent / "fixture_wan_model"
 
 TRANSFORMER_CONFIG = dict(
     in_channels=3,
