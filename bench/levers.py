@@ -23,8 +23,10 @@ d share of all (head, row, block) entries with the most mass, at least one per r
 mass is), ``xattn:t:s`` (the antidiagonal estimate with stride s, threshold t), ``xtopk:d:s``,
 ``xbudget:d:s`` (the estimate with top-k / budget selection). A suffix ``+o`` or ``+p`` compensates the dropped
 blocks instead of ignoring them: each stands in by its mean value vector, weighted by its exact mass (``+o``,
-oracle) or by n_b * exp(q . k_mean * scale) (``+p``, its pooled key). ``gen --settings ORDER@SELECTION@WARMUP ...``
-runs explicit triples.
+oracle) or by n_b * exp(q . k_mean * scale) (``+p``, its pooled key). ``+c``, ``+f`` and ``+m`` (``gen`` only) fix
+the mask at the last dense warmup step and cache the dropped blocks' part of the attention there: ``+c`` merges it
+into every sparse step by its softmax sum, ``+f`` at its cached share of the mass, ``+m`` ignores it (the fixed mask
+alone). ``gen --settings ORDER@SELECTION@WARMUP ...`` runs explicit triples.
 
     python bench/levers.py probe --videos 2 --out docs/results/levers_probe.json
     python bench/levers.py gen --videos 4 --orders raster --selections oracle:0.9 otopk:0.3 --out ...
