@@ -198,7 +198,7 @@ def main() -> int:
         return wrapper, (time.perf_counter() - t) * 1e3
 
     variants = {}  # (label, kernel) -> callable
-    plans = {}
+    plans, errors, failed = {}, {}, set()
     for label, _, sel in selections:
         variants[(label, "Triton bf16")] = lambda s=sel: block_sparse_attention_triton(
             q, k, v, s.kv_count, s.kv_indices, block_size=128, causal=False
@@ -209,8 +209,17 @@ def main() -> int:
         for name, dtype in [("FlashInfer float8", torch.float8_e4m3fn)] + (
             [] if args.no_bf16 else [("FlashInfer bf16", torch.bfloat16)]
         ):
+            if name in failed:  # one failed compile is enough: the next selections would retry it
+                continue
             t = time.perf_counter()
-            wrapper, plan_ms = planned(sel, dtype)
+            try:  # a compile or plan failure is reported, and the other kernels still run
+                wrapper, plan_ms = planned(sel, dtype)
+            except Exception as exc:
+                what = f"{name} [{label}]"
+                errors[what] = f"{type(exc).__name__}: {exc}"[:800]
+                print(f"FAILED {what}: {errors[what]}", flush=True)
+                failed.add(name)
+                continue
             took = time.perf_counter() - t
             print(f"planned {name} [{label}] in {plan_ms:.1f} ms ({took:.0f} s with any compile)", flush=True)
             plans[f"{name} [{label}]"] = plan_ms
@@ -219,7 +228,8 @@ def main() -> int:
             else:
                 variants[(label, name)] = lambda w=wrapper: w.run(q8, k8, v8, scale_q=sq, scale_k=sk, scale_v=sv)
     for label, _, sel in selections:  # plans are host work: time them again, warm
-        plans[f"FlashInfer float8 [{label}] (again)"] = planned(sel, torch.float8_e4m3fn)[1]
+        if (label, "FlashInfer float8") in variants:
+            plans[f"FlashInfer float8 [{label}] (again)"] = planned(sel, torch.float8_e4m3fn)[1]
 
     # ------------------------------------------------------------------ checks
     checks = {}
@@ -228,12 +238,18 @@ def main() -> int:
         for (lab, kernel), fn in variants.items():
             if lab != label or kernel == "Triton bf16":
                 continue
-            out = fn()
+            try:
+                out = fn()
+            except Exception as exc:
+                what = f"{kernel} [{label}] run"
+                errors[what] = f"{type(exc).__name__}: {exc}"[:800]
+                print(f"FAILED {what}: {errors[what]}", flush=True)
+                continue
             out = unfold(out, heads) if out.dim() == 3 else out
             checks[f"{kernel} vs Triton bf16 [{label}]"] = rel_err(out, ref)
     for name, value in checks.items():
         print(f"check {name}: rel err {value:.2e}", flush=True)
-    ok = all(v < (0.08 if "float8" in name else 1e-2) for name, v in checks.items())
+    ok = not errors and all(v < (0.08 if "float8" in name else 1e-2) for name, v in checks.items())
     if not ok:
         print("CHECKS FAILED", file=sys.stderr)
 
@@ -251,7 +267,7 @@ def main() -> int:
     row("cuDNN SDPA dense", 1.0, bench_ms(cudnn_dense, args.repeats))
     for label, density, _ in selections:
         for (lab, kernel), fn in variants.items():
-            if lab == label:
+            if lab == label and f"{kernel} [{label}] run" not in errors:
                 row(f"{kernel} [{label}]", density, bench_ms(fn, args.repeats))
     quant = bench_ms(lambda: (to_e4m3(qf), to_e4m3(kf), to_e4m3(vf)), args.repeats)
     print(f"per-tensor float8 quantisation of q, k, v (torch): {quant:.2f} ms (first {quant_ms:.1f} ms)")
@@ -263,7 +279,7 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             record = {"env": env, "tokens": n, "heads": heads, "head_dim": dim, "checks": checks, "checks_ok": ok}
-            record |= {"rows": rows, "plans_ms": plans, "quantise_ms": quant, "ragged": ragged}
+            record |= {"rows": rows, "plans_ms": plans, "quantise_ms": quant, "ragged": ragged, "errors": errors}
             json.dump(record, f, indent=1)
     return 0 if ok else 1
 
