@@ -56,6 +56,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def xattn_and_random_selections(q, k, v, threshold: float, densities, seed: int = 1) -> list[tuple]:
+    """(label, measured density, BlockSelection) rows: XAttention's own kept blocks (the Triton estimate, stride 8,
+    128-token blocks, at ``threshold``), then random blocks at each of ``densities``."""
+    from xattn_video.core.config import XAttnConfig
+    from xattn_video.core.estimate import checked_config, estimate_blocks
+
+    heads, n_blocks = q.shape[1], math.ceil(q.shape[2] / 128)
+    cells = heads * n_blocks * n_blocks
+    xsel = estimate_blocks(q, k, checked_config(q, k, v, XAttnConfig(threshold, 8, 128, False, "triton")))
+    xdensity = float(xsel.kv_count.sum()) / cells
+    rows = [(f"xattn t={threshold} (density {xdensity:.3f})", xdensity, xsel)]
+    for d in densities:
+        sel = random_block_selection(1, heads, n_blocks, d, device=q.device, seed=seed)
+        rows.append((f"random {d}", float(sel.kv_count.sum()) / cells, sel))
+    return rows
+
+
 def extra_memory_mib(fn) -> float:
     """Peak memory ``fn`` needs beyond its inputs and its output (same size as q), in MiB."""
     torch.cuda.synchronize()

@@ -23,12 +23,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from attention import bench_ms  # noqa: E402  (bench/ is the script's folder: one timing helper)
+from attention import bench_ms, xattn_and_random_selections  # noqa: E402  (bench/ is the script's folder)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from xattn_video.core import fa4
-from xattn_video.core.config import XAttnConfig
-from xattn_video.core.estimate import checked_config, estimate_blocks
 from xattn_video.kernels.block_sparse_attention import block_sparse_attention_triton
 from xattn_video.kernels.block_sparse_attention_fp8 import block_sparse_attention_fp8, quantize_for_attention
 from xattn_video.testing.synthetic import random_block_selection, video_like_qkv
@@ -115,14 +113,8 @@ def main() -> int:
     n_blocks = math.ceil(n / 128)
     print(f"tokens {n}, heads {heads}, head_dim {dim}, blocks {n_blocks}", flush=True)
 
-    config = checked_config(q, k, v, XAttnConfig(args.threshold, 8, 128, False, "triton"))
-    xsel = estimate_blocks(q, k, config)
-    xdensity = float(xsel.kv_count.sum()) / (heads * n_blocks * n_blocks)
-    selections = [(f"xattn t={args.threshold} (density {xdensity:.3f})", xdensity, xsel)]
-    for d in args.densities:
-        sel = random_block_selection(1, heads, n_blocks, d, device=dev, seed=1)
-        real = float(sel.kv_count.sum()) / (heads * n_blocks * n_blocks)
-        selections.append((f"random {d}", real, sel))
+    selections = xattn_and_random_selections(q, k, v, args.threshold, args.densities)
+    xsel = selections[0][2]
 
     def triton_sparse(sel):
         return lambda: block_sparse_attention_triton(q, k, v, sel.kv_count, sel.kv_indices, block_size=128,

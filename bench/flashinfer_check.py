@@ -46,11 +46,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from attention import bench_ms  # noqa: E402  (bench/ is the script's folder: one timing helper)
+from attention import bench_ms, rel_err, xattn_and_random_selections  # noqa: E402  (bench/: the script's folder)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from xattn_video.core.config import XAttnConfig
-from xattn_video.core.estimate import checked_config, estimate_blocks
 from xattn_video.kernels.block_sparse_attention import block_sparse_attention_triton
 from xattn_video.kernels.block_sparse_attention_fp8 import block_sparse_attention_fp8
 from xattn_video.testing.synthetic import random_block_selection, video_like_qkv
@@ -83,10 +81,6 @@ def to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor float8 e4m3 with a power-of-two scale (x = x8 * scale)."""
     scale = torch.exp2(torch.ceil(torch.log2(x.abs().amax().float().clamp(min=1e-12) / E4M3_MAX)))
     return (x.float() / scale).to(torch.float8_e4m3fn), scale.reshape(1)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def tflops(n: int, heads: int, dim: int, density: float, ms: float) -> float:
@@ -171,13 +165,7 @@ def main() -> int:
     nb = n // 128
     print(f"tokens {n}, heads {heads}, head_dim {dim}, blocks {nb}", flush=True)
 
-    config = checked_config(q, k, v, XAttnConfig(args.threshold, 8, 128, False, "triton"))
-    xsel = estimate_blocks(q, k, config)
-    xdensity = float(xsel.kv_count.sum()) / (heads * nb * nb)
-    selections = [(f"xattn t={args.threshold}", xdensity, xsel)]
-    for d in args.densities:
-        sel = random_block_selection(1, heads, nb, d, device=dev, seed=1)
-        selections.append((f"random {d}", float(sel.kv_count.sum()) / (heads * nb * nb), sel))
+    selections = xattn_and_random_selections(q, k, v, args.threshold, args.densities)
 
     qf, kf, vf = fold(q), fold(k), fold(v)
     t0 = time.perf_counter()
