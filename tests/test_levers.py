@@ -3,20 +3,13 @@ the dropped blocks' part cached at that same step is exact attention, against fl
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "levers.py"
+from bench_scripts import load_bench_script
 
 
 def _levers():
-    spec = importlib.util.spec_from_file_location("levers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("levers")
 
 
 def _inputs(length: int = 300, heads: int = 2, dim: int = 16, seed: int = 0):

@@ -3,16 +3,15 @@ weights, optimiser, seconds trained) instead of starting over, and refuses a che
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_bench_script
 
 from xattn_video.testing.fixture import load_fixture
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "train_fixture.py"
 TINY = '{"num_attention_heads": 2, "num_layers": 1, "num_single_layers": 1, "num_refiner_layers": 1}'
 ARGS = ["--frames", "2", "--size", "16", "--small-frames", "2", "--small-size", "8", "--batch", "2", "--samples", "1",
         "--device", "cpu", "--warmup", "2", "--config-json", TINY]
@@ -20,10 +19,7 @@ ARGS = ["--frames", "2", "--size", "16", "--small-frames", "2", "--small-size", 
 
 @pytest.fixture(scope="module")
 def train_fixture():
-    spec = importlib.util.spec_from_file_location("train_fixture", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("train_fixture")
 
 
 def run(module, out: Path, seconds: float, *extra: str) -> dict:

@@ -4,12 +4,12 @@ deterministically, and the xattn backend on it equals stock diffusers attention 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_bench_script
 from diffusers import WanTransformer3DModel
 
 import xattn_video
@@ -22,7 +22,6 @@ from xattn_video.testing.fixture import (
 )
 from xattn_video.testing.procedural import sample_specs
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "train_fixture.py"
 TINY = '{"num_attention_heads": 2, "num_layers": 2, "ffn_dim": 64, "freq_dim": 32}'
 ARGS = [
     *"--family wan --frames 2 --size 16 --small-frames 2 --small-size 8 --batch 2 --samples 1 --device cpu".split(),
@@ -36,10 +35,7 @@ CAPTION = sample_specs(1, 77_000)[0].caption
 
 @pytest.fixture(scope="module")
 def train_fixture():
-    spec = importlib.util.spec_from_file_location("train_fixture", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("train_fixture")
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +147,7 @@ def test_xattn_backend_equals_stock_at_threshold_one_and_goes_sparse_below(fixtu
 def test_the_quality_table_runs_on_a_wan_fixture(trained, tmp_path):
     """bench/fixture_quality.py --fixture on a Wan fixture: the dense rerun is bit-identical, threshold 1.0 through
     the xattn backend is stock diffusers' video to uint8 rounding, a low threshold keeps fewer blocks."""
-    spec = importlib.util.spec_from_file_location("fixture_quality", SCRIPT.with_name("fixture_quality.py"))
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = load_bench_script("fixture_quality")
     out = tmp_path / "quality_wan"
     args = [
         *["--out", str(out), "--fixture", str(trained / "fixture_model")],
