@@ -23,7 +23,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from attention import bench_ms, xattn_and_random_selections  # noqa: E402  (bench/ is the script's folder)
+from attention import bench_ms, rel_err, tflops, xattn_and_random_selections  # noqa: E402  (bench/ folder)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from xattn_video.core import fa4
@@ -43,14 +43,6 @@ def host_us(fn, repeats: int = 50) -> float:
         times.append((time.perf_counter() - t0) * 1e6)
     torch.cuda.synchronize()
     return sorted(times)[len(times) // 2]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-def tflops(n: int, heads: int, dim: int, density: float, ms: float) -> float:
-    return 4 * n * n * dim * heads * density / (ms * 1e-3) / 1e12
 
 
 def smoke() -> int:

@@ -46,7 +46,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from attention import bench_ms, rel_err, xattn_and_random_selections  # noqa: E402  (bench/: the script's folder)
+from attention import bench_ms, rel_err, tflops, xattn_and_random_selections  # noqa: E402  (bench/ folder)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from xattn_video.kernels.block_sparse_attention import block_sparse_attention_triton
@@ -81,10 +81,6 @@ def to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor float8 e4m3 with a power-of-two scale (x = x8 * scale)."""
     scale = torch.exp2(torch.ceil(torch.log2(x.abs().amax().float().clamp(min=1e-12) / E4M3_MAX)))
     return (x.float() / scale).to(torch.float8_e4m3fn), scale.reshape(1)
-
-
-def tflops(n: int, heads: int, dim: int, density: float, ms: float) -> float:
-    return 4 * n * n * dim * heads * density / (ms * 1e-3) / 1e12
 
 
 def ragged_check(heads: int, dim: int, workspace: torch.Tensor, density: float, repeats: int) -> dict:

@@ -221,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     step, before = 0, 0.0  # steps and seconds trained by earlier runs into --out
     if checkpoint.exists() and not args.restart:
         state = torch.load(checkpoint, map_location=device, weights_only=False)
-        trained = (state["log"].get("family", "hunyuan"), json.dumps(state["log"]["transformer_config"]))
-        if trained != (args.family, json.dumps(config)):
+        trained_config = json.dumps(state["log"]["transformer_config"], sort_keys=True)
+        trained = (state["log"].get("family", "hunyuan"), trained_config)
+        if trained != (args.family, json.dumps(config, sort_keys=True)):
             raise SystemExit(
                 f"{checkpoint} was trained with another transformer config (--family {trained[0]}, --config-json); "
                 "use --restart or another --out"
