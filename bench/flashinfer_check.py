@@ -16,6 +16,8 @@ In one run: XAttention's own kept blocks (t=0.9, stride 8) and random blocks at 
 bf16 and float8 against the Triton bf16 kernel on the same blocks); timings (CUDA events, median) of cuDNN dense,
 the Triton bf16 and float8 kernels, FlashInfer bf16 and float8, and the per-plan host cost; last, a probe of the
 real token count (119,056, a ragged last block) through FlashInfer's paged wrapper (``ragged_check``).
+``--dense-only`` times FlashInfer's dense forward instead, bf16 and float8, against cuDNN (``dense_check``).
+Results: docs/benchmarks.md, "FlashInfer's Hopper float8 block-sparse forward".
 
 On the device (FlashInfer compiles its kernels with nvcc at first use, a few minutes; its cache under
 ``FLASHINFER_WORKSPACE_BASE`` serves later calls on the same machine)::
@@ -83,16 +85,18 @@ def to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).to(torch.float8_e4m3fn), scale.reshape(1)
 
 
-def ragged_check(heads: int, dim: int, workspace: torch.Tensor, density: float, repeats: int) -> dict:
-    """The real 720p token count (119,056: the last key block holds 16 tokens) through FlashInfer's paged wrapper:
+def ragged_check(
+    grid: tuple[int, int, int], text: int, heads: int, dim: int, workspace: torch.Tensor, density: float, repeats: int
+) -> dict:
+    """A ragged token count (at 720p 119,056: the last key block holds 16 tokens) through FlashInfer's paged wrapper:
     each head padded to whole pages, rows (h, qb) as requests of 128 queries, the kept key blocks as pages, and the
     last page's length 16 where a row keeps the ragged block. Against the Triton bf16 kernel on the unpadded
     tensors, bf16 and float8 (scales as floats: q and k folded into the softmax scale, v applied on the output)."""
     from flashinfer import BatchPrefillWithPagedKVCacheWrapper
 
     dev = workspace.device
-    q, k, v = video_like_qkv(frames=33, height=45, width=80, text_tokens=256, heads=heads, head_dim=dim,
-                             dtype=torch.bfloat16, device=dev)  # fmt: skip
+    q, k, v = video_like_qkv(frames=grid[0], height=grid[1], width=grid[2], text_tokens=text, heads=heads,
+                             head_dim=dim, dtype=torch.bfloat16, device=dev)  # fmt: skip
     n = q.shape[2]
     nb = -(-n // 128)
     pad = nb * 128 - n
@@ -126,6 +130,44 @@ def ragged_check(heads: int, dim: int, workspace: torch.Tensor, density: float, 
     return result
 
 
+def dense_check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int) -> dict:
+    """FlashInfer's FA3-template dense prefill (``single_prefill_with_kv_cache``, backend ``fa3``), bf16 and float8
+    (per-head power-of-two scales), against cuDNN dense in the same run: the kernel family's own dense float8 rate,
+    which bounds what its block-sparse form can reach."""
+    from flashinfer import single_prefill_with_kv_cache
+
+    n, heads, dim = q.shape[2], q.shape[1], q.shape[3]
+    qn, kn, vn = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))  # [N, H, D]
+
+    def per_head_e4m3(x):
+        amax = x.abs().amax(dim=(0, 2)).float().clamp(min=1e-12)
+        scale = torch.exp2(torch.ceil(torch.log2(amax / E4M3_MAX)))
+        return (x.float() / scale[None, :, None]).to(torch.float8_e4m3fn), scale
+
+    (q8, sq), (k8, sk), (v8, sv) = per_head_e4m3(qn), per_head_e4m3(kn), per_head_e4m3(vn)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        ref = F.scaled_dot_product_attention(q, k, v)[0].transpose(0, 1)
+    kernels = {
+        "cuDNN SDPA dense": lambda: F.scaled_dot_product_attention(q, k, v),
+        "FlashInfer fa3 dense bf16": lambda: single_prefill_with_kv_cache(qn, kn, vn, backend="fa3"),
+        "FlashInfer fa3 dense float8": lambda: single_prefill_with_kv_cache(
+            q8, k8, v8, scale_q=sq, scale_k=sk, scale_v=sv, o_dtype=torch.bfloat16, backend="fa3"
+        ),
+    }
+    result = {}
+    for name, fn in kernels.items():
+        try:
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                out = fn()
+                err = 0.0 if name.startswith("cuDNN") else rel_err(out, ref)
+                ms = bench_ms(fn, repeats)
+            result[name] = {"rel_err_vs_cudnn": err, "ms": ms, "tflops": tflops(n, heads, dim, 1.0, ms)}
+        except Exception as exc:  # a probe: report what failed, keep the others
+            result[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        print(f"dense {n} tokens, {name}: {result[name]}", flush=True)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=33)
@@ -138,6 +180,7 @@ def main() -> int:
     parser.add_argument("--densities", type=float, nargs="*", default=[0.35, 0.15])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-bf16", action="store_true", help="skip FlashInfer's bf16 kernels (one compile less)")
+    parser.add_argument("--dense-only", action="store_true", help="only the dense bf16 / float8 rates (dense_check)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -160,6 +203,12 @@ def main() -> int:
         return 2
     nb = n // 128
     print(f"tokens {n}, heads {heads}, head_dim {dim}, blocks {nb}", flush=True)
+    if args.dense_only:
+        dense = dense_check(q, k, v, args.repeats)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"env": env, "tokens": n, "heads": heads, "head_dim": dim, "dense": dense}, f, indent=1)
+        return 0 if all("error" not in r for r in dense.values()) else 1
 
     selections = xattn_and_random_selections(q, k, v, args.threshold, args.densities)
 
@@ -259,7 +308,9 @@ def main() -> int:
     for r in rows:
         print(f"| {r['what']} | {r['density']:.3f} | {r['ms']:.1f} | {r['tflops']:.0f} |")
     print("\nplan (host) ms:", json.dumps({k: round(v, 2) for k, v in plans.items()}))
-    ragged = ragged_check(heads, dim, workspace, args.densities[0] if args.densities else 0.35, args.repeats)
+    grid = (args.frames, args.height, args.width)  # 16 text tokens more: a ragged last block
+    ragged = ragged_check(grid, args.text + 16, heads, dim, workspace, args.densities[0] if args.densities else 0.35,
+                          args.repeats)  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             record = {"env": env, "tokens": n, "heads": heads, "head_dim": dim, "checks": checks, "checks_ok": ok}
