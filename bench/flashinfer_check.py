@@ -149,10 +149,10 @@ def dense_check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int)
         ref = F.scaled_dot_product_attention(q, k, v)[0].transpose(0, 1)
     kernels = {
         "cuDNN SDPA dense": lambda: F.scaled_dot_product_attention(q, k, v),
-        "FlashInfer fa3 dense bf16": lambda: single_prefill_with_kv_cache(qn, kn, vn, backend="fa3"),
         "FlashInfer fa3 dense float8": lambda: single_prefill_with_kv_cache(
             q8, k8, v8, scale_q=sq, scale_k=sk, scale_v=sv, o_dtype=torch.bfloat16, backend="fa3"
         ),
+        "FlashInfer fa3 dense bf16": lambda: single_prefill_with_kv_cache(qn, kn, vn, backend="fa3"),
     }
     result = {}
     for name, fn in kernels.items():
