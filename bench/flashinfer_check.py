@@ -79,10 +79,12 @@ def unfold(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.reshape(1, heads, -1, x.shape[-1])
 
 
-def to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor float8 e4m3 with a power-of-two scale (x = x8 * scale)."""
-    scale = torch.exp2(torch.ceil(torch.log2(x.abs().amax().float().clamp(min=1e-12) / E4M3_MAX)))
-    return (x.float() / scale).to(torch.float8_e4m3fn), scale.reshape(1)
+def to_e4m3(x: torch.Tensor, dims: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float8 e4m3 with power-of-two scales (x = x8 * scale): one scale per tensor, or, with ``dims``, one per
+    index of the dimensions not in ``dims`` (e.g. per head of [N, H, D]: dims=(0, 2)); the scales come flat."""
+    amax = x.abs().amax(dim=dims, keepdim=True) if dims else x.abs().amax()
+    scale = torch.exp2(torch.ceil(torch.log2(amax.float().clamp(min=1e-12) / E4M3_MAX)))
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale.reshape(-1)
 
 
 def ragged_check(
@@ -139,12 +141,7 @@ def dense_check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int)
     n, heads, dim = q.shape[2], q.shape[1], q.shape[3]
     qn, kn, vn = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))  # [N, H, D]
 
-    def per_head_e4m3(x):
-        amax = x.abs().amax(dim=(0, 2)).float().clamp(min=1e-12)
-        scale = torch.exp2(torch.ceil(torch.log2(amax / E4M3_MAX)))
-        return (x.float() / scale[None, :, None]).to(torch.float8_e4m3fn), scale
-
-    (q8, sq), (k8, sk), (v8, sv) = per_head_e4m3(qn), per_head_e4m3(kn), per_head_e4m3(vn)
+    (q8, sq), (k8, sk), (v8, sv) = (to_e4m3(x, dims=(0, 2)) for x in (qn, kn, vn))  # per head
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         ref = F.scaled_dot_product_attention(q, k, v)[0].transpose(0, 1)
     kernels = {
